@@ -1,0 +1,1 @@
+//! crd (placeholder; being written)

@@ -1,0 +1,18 @@
+//! weft: a sidecarless service mesh. One crate, one binary (`weft`), subcommands in `main.rs`.
+//!
+//! Layering (imports only point down the list; `app` alone wires everything together):
+//! - bottom: `config`, `crd`, `identity`, `netns`, `drain`, `metrics`, `policy`, `state`
+//! - middle: `discovery` (feeds `state`), `redirect` (eBPF), `proxy` (HBONE tunnel, in-pod listeners)
+//! - top: `app`
+#![deny(unsafe_code)]
+
+pub mod config;
+pub mod crd;
+pub mod discovery;
+pub mod drain;
+pub mod identity;
+pub mod metrics;
+pub mod netns;
+pub mod policy;
+pub mod redirect;
+pub mod state;

@@ -1,0 +1,4 @@
+//! L4 policy (placeholder being replaced by the policy work).
+
+#[derive(Debug, Default)]
+pub struct Policies {}

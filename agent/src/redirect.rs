@@ -1,0 +1,1 @@
+//! redirect (placeholder; being written)

@@ -1,0 +1,138 @@
+//! The mesh as this node sees it: workloads, services and compiled policies, in one immutable
+//! snapshot (`State`) that a source (`discovery::file`, later `discovery::kube`) builds and the
+//! data plane reads without locks through `StateStore`.
+//!
+//! It owns lookups (by IP, by service VIP) and which workloads this node captures. It does not
+//! parse YAML or talk to Kubernetes (that is `discovery`), and it does not decide policy (that
+//! is `policy`; the snapshot only carries the compiled policies).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+use crate::identity::Identity;
+use crate::policy::Policies;
+
+/// Namespace label that enrolls a namespace in the mesh (value `ambient`), and the pod label
+/// that opts a single pod out (value `none`). Same names as Istio ambient.
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+pub const DATAPLANE_MODE_AMBIENT: &str = "ambient";
+pub const DATAPLANE_MODE_NONE: &str = "none";
+
+/// A pod, reduced to what the data plane needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+    pub ips: Vec<IpAddr>,
+    /// `spec.nodeName`; `None` in local mode means "this node".
+    pub node: Option<String>,
+    /// Network namespace of the pod on this node, when known (local mode: from the pod's
+    /// `weft.io/netns` annotation; cluster mode: found by the CNI plugin).
+    pub netns: Option<PathBuf>,
+    /// In the mesh: namespace labelled ambient and the pod not opted out.
+    pub captured: bool,
+    /// SPIFFE identity, derived from trust domain, namespace and service account.
+    pub identity: Identity,
+    /// The `app` / `app.kubernetes.io/name` label or the pod name: Istio's canonical workload name.
+    pub workload_name: String,
+}
+
+/// A Kubernetes Service with its endpoints resolved to workloads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    /// Cluster IPs (IPv4 and/or IPv6).
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    /// Ready endpoints in a stable order (name order), for load balancing.
+    pub endpoints: Vec<Arc<Workload>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub port: u16,
+    /// Numeric target port (named target ports are resolved when the snapshot is built).
+    pub target_port: u16,
+}
+
+impl Service {
+    /// `name.namespace.svc.cluster.local`, Istio's `destination_service` label value.
+    pub fn hostname(&self) -> String {
+        format!("{}.{}.svc.cluster.local", self.name, self.namespace)
+    }
+
+    pub fn target_port(&self, port: u16) -> Option<u16> {
+        self.ports.iter().find(|p| p.port == port).map(|p| p.target_port)
+    }
+}
+
+/// One immutable snapshot of everything the data plane reads.
+#[derive(Debug, Default)]
+pub struct State {
+    pub workloads_by_ip: HashMap<IpAddr, Arc<Workload>>,
+    pub services_by_vip: HashMap<IpAddr, Arc<Service>>,
+    /// Namespace name → labels (only namespaces that were declared).
+    pub namespaces: HashMap<String, BTreeMap<String, String>>,
+    pub policies: Policies,
+}
+
+impl State {
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.workloads_by_ip.get(&ip)
+    }
+
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.services_by_vip.get(&ip)
+    }
+
+    /// Captured workloads that run on `node` (or have no node: local mode) and whose network
+    /// namespace is known: what the redirect and the in-pod listeners must serve here. Each
+    /// workload once, in name order.
+    pub fn local_captured(&self, node: &str) -> Vec<Arc<Workload>> {
+        let mut seen: BTreeMap<(String, String), Arc<Workload>> = BTreeMap::new();
+        for w in self.workloads_by_ip.values() {
+            let local = w.node.as_deref().is_none_or(|n| n == node);
+            if w.captured && local && w.netns.is_some() {
+                seen.entry((w.namespace.clone(), w.name.clone())).or_insert_with(|| w.clone());
+            }
+        }
+        seen.into_values().collect()
+    }
+}
+
+/// The current snapshot plus a change signal. Readers call `load()` per connection (a wait-free
+/// atomic load); writers `replace()` the whole snapshot.
+#[derive(Debug)]
+pub struct StateStore {
+    current: ArcSwap<State>,
+    version: watch::Sender<u64>,
+}
+
+impl StateStore {
+    pub fn new(initial: State) -> Self {
+        StateStore { current: ArcSwap::from_pointee(initial), version: watch::channel(0).0 }
+    }
+
+    pub fn load(&self) -> Arc<State> {
+        self.current.load_full()
+    }
+
+    pub fn replace(&self, next: State) {
+        self.current.store(Arc::new(next));
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// Resolves each time the snapshot is replaced.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+}

@@ -1,0 +1,1 @@
+//! Network-namespace harness for weft's end-to-end tests.
