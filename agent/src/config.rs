@@ -1,1 +1,201 @@
-//! config (placeholder; being written)
+//! The node agent's configuration: command-line flags and environment, parsed and validated once in
+//! `main` into one `Config` that everything else receives as `Arc<Config>`.
+//!
+//! It owns defaults and validation, not the mesh configuration (Pods, Services, policies): that is
+//! `discovery`'s input and `state`'s content.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Environment variable: this node's name (the DaemonSet sets it from `spec.nodeName`).
+pub const NODE_NAME_ENV: &str = "NODE_NAME";
+/// Environment variable: SPIFFE trust domain.
+pub const TRUST_DOMAIN_ENV: &str = "TRUST_DOMAIN";
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+/// Istio's root namespace: policies there apply mesh-wide.
+pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/weft";
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/weft";
+pub const DEFAULT_CGROUP: &str = "/sys/fs/cgroup/unified";
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
+pub const DEFAULT_READY_ADDR: &str = "0.0.0.0:15021";
+/// Workload certificate lifetime (Istio's default is 24 h; rotated at half-life).
+pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long in-flight connections get to finish after SIGTERM (Istio's terminationDrainDuration).
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How enrolled pods' traffic reaches the in-pod listeners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RedirectMode {
+    /// eBPF: cgroup connect4/6 + sockops for outbound, sk_lookup for inbound (the default).
+    Ebpf,
+    /// Someone else (iptables REDIRECT) steers outbound traffic to 15001; the agent only reads
+    /// `SO_ORIGINAL_DST`. Used to measure the eBPF path against the classic one.
+    Iptables,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `weft node` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NodeArgs {
+    /// Local mode: a multi-document YAML file of Namespaces, ServiceAccounts, Pods, Services and
+    /// Istio policies. Reloaded on SIGHUP and when the file changes.
+    #[arg(long, value_name = "MESH_YAML")]
+    pub config: PathBuf,
+    /// This node's name; pods with another `spec.nodeName` are not served here.
+    #[arg(long, env = NODE_NAME_ENV, default_value = "local")]
+    pub node_name: String,
+    #[arg(long, env = TRUST_DOMAIN_ENV, default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Where the local CA keeps its root key and certificate.
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// bpffs directory for pinned programs, maps and links (survive an agent restart).
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pub bpf_pin_dir: PathBuf,
+    /// cgroup v2 directory the connect/sockops programs attach to.
+    #[arg(long, default_value = DEFAULT_CGROUP)]
+    pub cgroup: PathBuf,
+    #[arg(long, value_enum, default_value = "ebpf")]
+    pub redirect: RedirectMode,
+    /// Admin endpoint (config dump, certificates); keep it on localhost.
+    #[arg(long, default_value = DEFAULT_ADMIN_ADDR)]
+    pub admin_addr: SocketAddr,
+    /// Prometheus `/metrics`.
+    #[arg(long, default_value = DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: SocketAddr,
+    /// `/healthz/ready`: 200 once every captured pod is enrolled.
+    #[arg(long, default_value = DEFAULT_READY_ADDR)]
+    pub ready_addr: SocketAddr,
+    /// Workload certificate lifetime in seconds.
+    #[arg(long, default_value_t = DEFAULT_CERT_TTL.as_secs())]
+    pub cert_ttl_secs: u64,
+    /// Seconds in-flight connections get to finish after SIGTERM.
+    #[arg(long, default_value_t = DEFAULT_DRAIN_TIMEOUT.as_secs())]
+    pub drain_timeout_secs: u64,
+    /// Tokio worker threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub worker_threads: usize,
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// The validated configuration of `weft node`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The local mesh YAML.
+    pub mesh_file: PathBuf,
+    pub node_name: String,
+    pub trust_domain: String,
+    pub root_namespace: String,
+    pub state_dir: PathBuf,
+    pub bpf_pin_dir: PathBuf,
+    pub cgroup: PathBuf,
+    pub redirect: RedirectMode,
+    pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub ready_addr: SocketAddr,
+    pub cert_ttl: Duration,
+    pub drain_timeout: Duration,
+    pub worker_threads: usize,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("--config {0}: file not found; pass the path of a mesh YAML file (see examples/mesh.yaml)")]
+    MissingMeshFile(PathBuf),
+    #[error("--trust-domain {0:?}: must be a DNS-like name such as cluster.local (letters, digits, '.', '-', '_')")]
+    BadTrustDomain(String),
+    #[error("--cert-ttl-secs {0}: must be at least 60 seconds so certificates can rotate at half-life")]
+    CertTtlTooShort(u64),
+    #[error("--node-name must not be empty; set it or the {NODE_NAME_ENV} environment variable")]
+    EmptyNodeName,
+}
+
+impl Config {
+    pub fn from_node_args(a: NodeArgs) -> Result<Self, Error> {
+        if !a.config.is_file() {
+            return Err(Error::MissingMeshFile(a.config));
+        }
+        let td_ok = !a.trust_domain.is_empty()
+            && a.trust_domain.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+        if !td_ok {
+            return Err(Error::BadTrustDomain(a.trust_domain));
+        }
+        if a.cert_ttl_secs < 60 {
+            return Err(Error::CertTtlTooShort(a.cert_ttl_secs));
+        }
+        if a.node_name.is_empty() {
+            return Err(Error::EmptyNodeName);
+        }
+        Ok(Config {
+            mesh_file: a.config,
+            node_name: a.node_name,
+            trust_domain: a.trust_domain,
+            root_namespace: DEFAULT_ROOT_NAMESPACE.to_string(),
+            state_dir: a.state_dir,
+            bpf_pin_dir: a.bpf_pin_dir,
+            cgroup: a.cgroup,
+            redirect: a.redirect,
+            admin_addr: a.admin_addr,
+            metrics_addr: a.metrics_addr,
+            ready_addr: a.ready_addr,
+            cert_ttl: Duration::from_secs(a.cert_ttl_secs),
+            drain_timeout: Duration::from_secs(a.drain_timeout_secs),
+            worker_threads: a.worker_threads,
+            log_format: a.log_format,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        node: NodeArgs,
+    }
+
+    fn args(extra: &[&str]) -> Result<Config, Error> {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let path = f.path().to_str().unwrap().to_string();
+        let mut v = vec!["weft", "--config", &path];
+        v.extend_from_slice(extra);
+        Config::from_node_args(Cli::parse_from(v).node)
+    }
+
+    #[test]
+    fn defaults_are_istio_ports() {
+        let c = args(&[]).unwrap();
+        assert_eq!(c.admin_addr.port(), 15000);
+        assert_eq!(c.metrics_addr.port(), 15020);
+        assert_eq!(c.ready_addr.port(), 15021);
+        assert_eq!(c.trust_domain, "cluster.local");
+        assert_eq!(c.redirect, RedirectMode::Ebpf);
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let e = args(&["--trust-domain", "bad/td"]).unwrap_err().to_string();
+        assert!(e.contains("--trust-domain"), "{e}");
+        let e = args(&["--cert-ttl-secs", "5"]).unwrap_err().to_string();
+        assert!(e.contains("--cert-ttl-secs"), "{e}");
+        let e = Config::from_node_args(
+            Cli::parse_from(["weft", "--config", "/nonexistent/mesh.yaml"]).node,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("/nonexistent/mesh.yaml"), "{e}");
+    }
+}

@@ -58,7 +58,7 @@ impl Netns {
     /// Runs `f` with the calling thread inside this namespace, then moves the thread back.
     /// `f` must not yield to other work on this thread (no `.await`, no blocking on tokio).
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
-        let home = File::open("/proc/thread-self/ns/net")?;
+        let home = home_netns()?;
         setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
         let out = f();
         // Failing to return would leave a tokio worker in a pod's namespace: every later socket
@@ -72,6 +72,17 @@ impl Netns {
     pub fn as_fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()
     }
+}
+
+/// The agent's own namespace, opened once: `run` is on the per-connection path, so it should not
+/// open a file each time. Every agent thread lives here except inside `run`.
+fn home_netns() -> io::Result<&'static File> {
+    static HOME: std::sync::OnceLock<File> = std::sync::OnceLock::new();
+    if let Some(f) = HOME.get() {
+        return Ok(f);
+    }
+    let f = File::open("/proc/self/ns/net")?;
+    Ok(HOME.get_or_init(|| f))
 }
 
 /// `SO_NETNS_COOKIE` (Linux 5.14+), not yet in every libc crate release.
