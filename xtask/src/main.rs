@@ -1,1 +1,60 @@
-fn main() {}
+//! weft's developer tasks (`cargo xtask …`, aliased in .cargo/config.toml):
+//! - `build-ebpf [--check]`: build the eBPF object (or prove the checked-in one is current)
+//! - `test`: everything CI runs, as root: unit, in-process and network-namespace suites
+//! - `demo [--check]`: a local mesh of network-namespace pods, walked through step by step
+//! - `bench l4`: no mesh vs weft (eBPF redirect) vs iptables REDIRECT on the same topology
+//!
+//! Each task lives in its own module; this file only parses the command line.
+
+mod bench;
+mod demo;
+mod ebpf;
+mod suite;
+mod sys;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "weft developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build ebpf/programs into the checked-in object (--check: fail if it is not current).
+    BuildEbpf {
+        #[arg(long)]
+        check: bool,
+    },
+    /// Run every test as root: build-ebpf --check, cargo test --workspace, then the
+    /// network-namespace end-to-end suites one at a time. Installs missing system tools first.
+    Test(suite::Args),
+    /// Start a local mesh of network-namespace pods and walk through what weft does.
+    Demo {
+        /// Print one PASS/FAIL line per step, tear down, and exit non-zero on any failure.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        which: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// L4 data path: no mesh vs weft (eBPF) vs iptables REDIRECT, on one netns topology.
+    L4(bench::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::BuildEbpf { check } => ebpf::build(check),
+        Cmd::Test(args) => suite::run(args),
+        Cmd::Demo { check } => demo::run(check),
+        Cmd::Bench { which: BenchCmd::L4(args) } => bench::l4(args),
+    }
+}

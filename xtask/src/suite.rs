@@ -1,0 +1,104 @@
+//! `cargo xtask test`: what CI runs. Installs missing system tools, mounts bpffs, checks the eBPF
+//! object is current, runs `cargo test` for the workspace, then the network-namespace suites of
+//! `weft-tests` one test at a time (the agent's eBPF is node-global), and ends with one
+//! `N passed, N failed` line. Every step runs even when an earlier one failed, so one report
+//! shows everything that is broken.
+
+use anyhow::Result;
+
+use crate::sys::{self, Tally};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Build weft and the suites in release mode (slower to build, faster 1 GiB transfers).
+    #[arg(long)]
+    release: bool,
+    /// Do not install missing system packages.
+    #[arg(long)]
+    no_install: bool,
+    /// Skip `build-ebpf --check` (it installs a second compiler on first use).
+    #[arg(long)]
+    skip_ebpf_check: bool,
+}
+
+struct Step {
+    name: &'static str,
+    tally: Tally,
+    ok: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    sys::require_root("test")?;
+    if !args.no_install {
+        sys::ensure_tools(sys::TOOLS)?;
+    }
+    weft_tests::agent::ensure_bpffs()?;
+    let mut steps: Vec<Step> = Vec::new();
+
+    if !args.skip_ebpf_check {
+        println!("==> build-ebpf --check");
+        let ok = match crate::ebpf::build(true) {
+            Ok(()) => true,
+            Err(e) => {
+                println!("build-ebpf --check failed: {e:#}");
+                false
+            }
+        };
+        steps.push(Step { name: "build-ebpf --check", tally: Tally { passed: ok as u64, failed: !ok as u64, ignored: 0 }, ok });
+    }
+
+    println!("==> cargo test --workspace (unit and in-process tests)");
+    let mut c = sys::cargo();
+    c.args(["test", "--workspace", "--exclude", "weft-tests"]);
+    if args.release {
+        c.arg("--release");
+    }
+    let (tally, ok) = sys::cargo_test(&mut c)?;
+    steps.push(Step { name: "cargo test --workspace", tally, ok });
+
+    println!("==> network-namespace suites (weft-tests, one test at a time)");
+    let (tally, ok) = match sys::build_binaries(args.release) {
+        Ok((weft, probe)) => {
+            let mut c = sys::cargo();
+            c.args(["test", "-p", "weft-tests"]).env("WEFT_BIN", &weft).env("WEFT_PROBE_BIN", &probe);
+            if args.release {
+                c.arg("--release");
+            }
+            c.args(["--", "--test-threads=1"]);
+            sys::cargo_test(&mut c)?
+        }
+        Err(e) => {
+            println!("cannot build the binaries the suites need: {e:#}");
+            (Tally::default(), false)
+        }
+    };
+    steps.push(Step { name: "weft-tests (netns e2e)", tally, ok });
+
+    let mut total = Tally::default();
+    println!("\n==> summary");
+    for s in &mut steps {
+        // A step that failed without a failing test (a build error) still counts as a failure.
+        if !s.ok && s.tally.failed == 0 {
+            s.tally.failed = 1;
+        }
+        println!(
+            "  {:<26} {} ({} passed, {} failed, {} ignored)",
+            s.name,
+            if s.ok { "ok" } else { "FAILED" },
+            s.tally.passed,
+            s.tally.failed,
+            s.tally.ignored
+        );
+        total.add(s.tally);
+    }
+    let failed: Vec<&str> = steps.iter().filter(|s| !s.ok).map(|s| s.name).collect();
+    if !failed.is_empty() {
+        println!("failed steps: {}", failed.join(", "));
+    }
+    // The last line CI reads; nothing may follow it.
+    println!("{} passed, {} failed", total.passed, total.failed);
+    if !failed.is_empty() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
