@@ -21,6 +21,7 @@ pub mod topology;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub use agent::{Agent, AgentOptions};
@@ -78,8 +79,19 @@ pub fn weft_bin() -> PathBuf {
     bin_from_env_or_target("WEFT_BIN", "weft", "cargo build -p weft")
 }
 
-/// The probe binary: `$WEFT_PROBE_BIN`, else `weft-probe` beside this executable's profile dir.
+static PROBE_BIN: OnceLock<PathBuf> = OnceLock::new();
+
+/// Makes [`probe_bin`] return `path` for the rest of the process (xtask uses a release build).
+pub fn use_probe_bin(path: PathBuf) {
+    let _ = PROBE_BIN.set(path);
+}
+
+/// The probe binary: set by [`use_probe_bin`], else `$WEFT_PROBE_BIN`, else `weft-probe` beside
+/// this executable's profile dir.
 pub fn probe_bin() -> PathBuf {
+    if let Some(p) = PROBE_BIN.get() {
+        return p.clone();
+    }
     bin_from_env_or_target("WEFT_PROBE_BIN", "weft-probe", "cargo build -p weft-tests --bin weft-probe")
 }
 
