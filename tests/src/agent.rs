@@ -15,10 +15,12 @@ use nix::sys::signal::Signal;
 use crate::metrics::Metrics;
 use crate::process::{self, Background, Io};
 use crate::topology::Topology;
-use crate::{poll, read_lossy, weft_bin};
+use crate::{poll, read_lossy, tail, weft_bin};
 
 /// How long `start` waits for `/healthz/ready` by default.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Lines of the agent log shown with a failure (the whole log stays in the topology dir).
+const LOG_TAIL: usize = 300;
 
 /// Knobs for one agent run.
 #[derive(Debug, Clone)]
@@ -147,15 +149,12 @@ impl Agent {
                 }
             }
         });
-        match ready {
-            Some(true) => Ok(()),
-            _ => bail!(
-                "agent not ready within {limit:?} on http://{}/healthz/ready ({}); agent log:\n{}",
-                self.opts.ready_addr,
-                last.unwrap_or_default(),
-                self.log()
-            ),
-        }
+        let why = match ready {
+            Some(true) => return Ok(()),
+            Some(false) => "exited before it was ready".to_string(),
+            None => format!("not ready within {limit:?} on http://{}/healthz/ready", self.opts.ready_addr),
+        };
+        bail!("agent {why} ({}); agent log:\n{}", last.unwrap_or_default(), tail(&self.log(), LOG_TAIL))
     }
 
     /// HTTP status of `/healthz/ready`, `None` when nothing answers.
@@ -243,7 +242,7 @@ impl Drop for Agent {
             let _ = bg.stop_with(Signal::SIGTERM, Duration::from_secs(10));
         }
         if std::thread::panicking() {
-            eprintln!("===== agent log ({}) =====\n{}\n===== end of agent log =====", self.log.display(), self.log());
+            eprintln!("===== agent log ({}) =====\n{}\n===== end of agent log =====", self.log.display(), tail(&self.log(), LOG_TAIL));
         }
     }
 }

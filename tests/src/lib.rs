@@ -122,9 +122,24 @@ pub fn read_lossy(p: &Path) -> String {
     std::fs::read(p).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
 }
 
+/// The last `n` lines of `s`, with a note of how many were left out.
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    if lines.len() <= n {
+        return s.to_string();
+    }
+    format!("[… {} earlier lines …]\n{}", lines.len() - n, lines[lines.len() - n..].join("\n"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tail_keeps_the_last_lines() {
+        assert_eq!(tail("a\nb", 5), "a\nb");
+        assert_eq!(tail("a\nb\nc", 2), "[… 1 earlier lines …]\nb\nc");
+    }
 
     #[test]
     fn poll_is_bounded() {

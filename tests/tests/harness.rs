@@ -133,3 +133,29 @@ fn drop_cleans_up_after_a_panic() {
     assert!(r.is_err());
     assert!(!exists_netns("weft-t-hpanic-a") && !exists_link("wt-hpanic-br"), "panic left the topology behind");
 }
+
+#[test]
+fn generated_mesh_yaml_is_accepted_by_the_agents_file_parser() {
+    require_root();
+    let topo = weft_tests::scenario::demo("hyaml").build().unwrap();
+    let path = topo
+        .write_mesh(&[
+            weft_tests::scenario::peer_auth("STRICT"),
+            weft_tests::scenario::server_policy("ALLOW", &["client"]),
+            weft_tests::scenario::server_policy("DENY", &["intruder"]),
+        ])
+        .unwrap();
+    let opts = weft::discovery::file::FileOptions {
+        trust_domain: "cluster.local".into(),
+        node_name: "weft-hyaml".into(),
+        root_namespace: "istio-system".into(),
+    };
+    let state = weft::discovery::file::load(&path, &opts).unwrap_or_else(|e| panic!("agent rejects the harness's mesh.yaml: {e}"));
+    let client = state.workload_by_ip(topo.pod("client").ipv4.into()).expect("client workload");
+    assert!(client.captured, "client in the ambient namespace must be captured");
+    assert_eq!(client.service_account, "client");
+    let legacy = state.workload_by_ip(topo.pod("legacy").ipv4.into()).expect("legacy workload");
+    assert!(!legacy.captured, "legacy namespace is not enrolled");
+    let svc = state.service_by_vip(weft_tests::scenario::SERVER_VIP.parse().unwrap()).expect("server service");
+    assert_eq!(svc.endpoints.len(), 2, "server-v1 and server-v2 behind the VIP");
+}
