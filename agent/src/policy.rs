@@ -62,7 +62,9 @@ pub enum Decision {
     Allow,
     /// `policy` is the matching DENY policy (`ns/name`) or, when ALLOW policies applied and none
     /// matched, those ALLOW policies joined by `,` (what an operator would have to widen).
-    Deny { policy: String },
+    Deny {
+        policy: String,
+    },
 }
 
 /// Which resource a [`PolicyError`] is about.
@@ -106,7 +108,8 @@ pub struct Policies {
 
 impl Policies {
     /// Compiles and validates; an invalid object is left out and reported (the rest still apply).
-    /// Warnings (parts Istio accepts but L4 cannot enforce) are logged and kept in
+    /// Reporting the errors (log line, Event, load failure) is the caller's choice. Warnings
+    /// (parts Istio accepts but L4 cannot enforce) are logged here and kept in
     /// [`Policies::warnings`].
     pub fn compile(
         authz: &[AuthorizationPolicy],
@@ -145,26 +148,38 @@ impl Policies {
         for w in &warnings {
             tracing::warn!(warning = %w, "policy only partly enforceable at L4");
         }
-        for e in &errors {
-            tracing::error!(kind = %e.kind, namespace = %e.namespace, name = %e.name, field = %e.field,
-                reason = %e.reason, "invalid policy left out");
-        }
-        (Policies { mesh, by_namespace, peer, warnings }, errors)
+        (
+            Policies {
+                mesh,
+                by_namespace,
+                peer,
+                warnings,
+            },
+            errors,
+        )
     }
 
     /// The mTLS mode of `port` on a workload with these labels in `dest_namespace`.
-    pub fn mtls_mode(&self, dest_namespace: &str, dest_labels: &BTreeMap<String, String>, port: u16) -> MtlsMode {
+    pub fn mtls_mode(
+        &self,
+        dest_namespace: &str,
+        dest_labels: &BTreeMap<String, String>,
+        port: u16,
+    ) -> MtlsMode {
         self.peer.mtls_mode(dest_namespace, dest_labels, port)
     }
 
     /// Decides one inbound connection.
     pub fn authorize(&self, c: &Connection<'_>) -> Decision {
-        let principal = c.source_principal.map(|p| p.strip_prefix("spiffe://").unwrap_or(p));
+        let principal = c
+            .source_principal
+            .map(|p| p.strip_prefix("spiffe://").unwrap_or(p));
         let parts = principal.and_then(split_principal);
         let peer = Peer {
             principal,
             namespace: c.source_namespace.or(parts.map(|p| p.1)),
             trust_domain: parts.map(|p| p.0),
+            sa_namespace: parts.map(|p| p.1),
             service_account: parts.map(|p| p.2),
             source_ip: c.source_ip.to_canonical(),
             dest_ip: c.dest_ip.to_canonical(),
@@ -173,13 +188,25 @@ impl Policies {
         let applicable = || {
             self.mesh
                 .iter()
-                .chain(self.by_namespace.get(c.dest_namespace).into_iter().flatten())
+                .chain(
+                    self.by_namespace
+                        .get(c.dest_namespace)
+                        .into_iter()
+                        .flatten(),
+                )
                 .filter(|p| p.selects(c.dest_labels))
         };
-        if let Some(deny) = applicable().filter(|p| p.effect == Effect::Deny).find(|p| p.matches(&peer)) {
-            return Decision::Deny { policy: deny.key.clone() };
+        if let Some(deny) = applicable()
+            .filter(|p| p.effect == Effect::Deny)
+            .find(|p| p.matches(&peer))
+        {
+            return Decision::Deny {
+                policy: deny.key.clone(),
+            };
         }
-        let mut allows = applicable().filter(|p| p.effect == Effect::Allow).peekable();
+        let mut allows = applicable()
+            .filter(|p| p.effect == Effect::Allow)
+            .peekable();
         if allows.peek().is_none() {
             return Decision::Allow;
         }
@@ -190,7 +217,9 @@ impl Policies {
             }
             tried.push(p.key.as_str());
         }
-        Decision::Deny { policy: tried.join(",") }
+        Decision::Deny {
+            policy: tried.join(","),
+        }
     }
 
     /// What Istio accepts but L4 enforcement cannot honour as written, one line per finding.
@@ -217,7 +246,14 @@ impl Policies {
 /// `td/ns/NS/sa/SA` → (td, NS, SA).
 fn split_principal(p: &str) -> Option<(&str, &str, &str)> {
     let mut it = p.split('/');
-    match (it.next(), it.next(), it.next(), it.next(), it.next(), it.next()) {
+    match (
+        it.next(),
+        it.next(),
+        it.next(),
+        it.next(),
+        it.next(),
+        it.next(),
+    ) {
         (Some(td), Some("ns"), Some(ns), Some("sa"), Some(sa), None) => Some((td, ns, sa)),
         _ => None,
     }
