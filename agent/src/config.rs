@@ -65,6 +65,10 @@ pub struct NodeArgs {
     pub cgroup: PathBuf,
     #[arg(long, value_enum, default_value = "ebpf")]
     pub redirect: RedirectMode,
+    /// Log an eBPF event for every redirected connection (drops are always logged). Costs a
+    /// ring-buffer record per connection.
+    #[arg(long)]
+    pub bpf_connection_events: bool,
     /// Admin endpoint (config dump, certificates); keep it on localhost.
     #[arg(long, default_value = DEFAULT_ADMIN_ADDR)]
     pub admin_addr: SocketAddr,
@@ -99,6 +103,7 @@ pub struct Config {
     pub bpf_pin_dir: PathBuf,
     pub cgroup: PathBuf,
     pub redirect: RedirectMode,
+    pub bpf_connection_events: bool,
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub ready_addr: SocketAddr,
@@ -145,6 +150,7 @@ impl Config {
             bpf_pin_dir: a.bpf_pin_dir,
             cgroup: a.cgroup,
             redirect: a.redirect,
+            bpf_connection_events: a.bpf_connection_events,
             admin_addr: a.admin_addr,
             metrics_addr: a.metrics_addr,
             ready_addr: a.ready_addr,

@@ -3,9 +3,11 @@
 //! Layering (imports only point down the list; `app` alone wires everything together):
 //! - bottom: `config`, `crd`, `identity`, `netns`, `drain`, `metrics`, `policy`, `state`
 //! - middle: `discovery` (feeds `state`), `redirect` (eBPF), `proxy` (HBONE tunnel, in-pod listeners)
-//! - top: `app`
+//! - top: `admin` (HTTP endpoints), `app`
 #![deny(unsafe_code)]
 
+pub mod admin;
+pub mod app;
 pub mod config;
 pub mod crd;
 pub mod discovery;
@@ -14,5 +16,6 @@ pub mod identity;
 pub mod metrics;
 pub mod netns;
 pub mod policy;
+pub mod proxy;
 pub mod redirect;
 pub mod state;

@@ -1,1 +1,66 @@
-fn main() {}
+//! The `weft` binary: parses the command line, sets up logging and the runtime, and hands a
+//! validated `Config` to `app`. Nothing else lives here.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use weft::config::{Config, LogFormat, NodeArgs};
+
+#[derive(Parser)]
+#[command(name = "weft", version, about = "weft: a sidecarless service mesh (Istio ambient compatible)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The per-node agent: eBPF redirect, in-pod listeners, HBONE mTLS tunnel, L4 policy.
+    Node(NodeArgs),
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Node(args) => {
+            let config = match Config::from_node_args(args) {
+                Ok(c) => Arc::new(c),
+                Err(e) => {
+                    eprintln!("weft node: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logging(config.log_format);
+            let mut rt = tokio::runtime::Builder::new_multi_thread();
+            if config.worker_threads > 0 {
+                rt.worker_threads(config.worker_threads);
+            }
+            let rt = match rt.enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("weft node: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(weft::app::run_node(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "weft node failed");
+                    eprintln!("weft node: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! Outbound: a connection the app made, captured on the pod's 15001 listener. Recover where it
+//! was going, resolve a service VIP to one endpoint, and carry it over HBONE (destination in the
+//! mesh) or connect directly (destination outside the mesh), always from the pod's own netns.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+
+use super::{CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, Pod, Proxy, hbone, peer_labels, pool, service_labels, socket};
+use crate::drain::Drain;
+use crate::identity::{Identity, WorkloadCert};
+use crate::metrics::{ConnLabels, Reporter};
+use crate::state::{Service, State, Workload};
+use weft_ebpf_common::{HBONE_PORT, OUTBOUND_PORT};
+
+/// Where a captured connection goes.
+#[derive(Debug)]
+enum Route {
+    /// Over HBONE to a workload in the mesh (`target` = its IP and the target port).
+    Mesh { dest: Arc<Workload>, service: Option<Arc<Service>>, target: SocketAddr },
+    /// Directly, in plaintext: the destination is not in the mesh.
+    Direct { dest: Option<Arc<Workload>>, service: Option<Arc<Service>>, target: SocketAddr },
+    /// Nowhere: reset the client (why is logged).
+    Refuse(String),
+}
+
+fn resolve(state: &State, orig: SocketAddr) -> Route {
+    if let Some(svc) = state.service_by_vip(orig.ip()) {
+        let Some(port) = svc.target_port(orig.port()) else {
+            return Route::Refuse(format!("service {}/{} has no port {}", svc.namespace, svc.name, orig.port()));
+        };
+        // Endpoints of the caller's address family; a random pick spreads load without shared
+        // counters (ztunnel does the same).
+        let family: Vec<(&Arc<Workload>, std::net::IpAddr)> = svc
+            .endpoints
+            .iter()
+            .filter_map(|w| w.ips.iter().find(|ip| ip.is_ipv4() == orig.is_ipv4()).map(|ip| (w, *ip)))
+            .collect();
+        if family.is_empty() {
+            return Route::Refuse(format!("service {}/{} has no endpoints", svc.namespace, svc.name));
+        }
+        let (w, ip) = family[rand::random_range(0..family.len())];
+        let target = SocketAddr::new(ip, port);
+        let service = Some(svc.clone());
+        return if w.captured {
+            Route::Mesh { dest: w.clone(), service, target }
+        } else {
+            Route::Direct { dest: Some(w.clone()), service, target }
+        };
+    }
+    match state.workload_by_ip(orig.ip()) {
+        Some(w) if w.captured => Route::Mesh { dest: w.clone(), service: None, target: orig },
+        other => Route::Direct { dest: other.cloned(), service: None, target: orig },
+    }
+}
+
+pub(super) async fn handle(proxy: Arc<Proxy>, pod: Arc<Pod>, tcp: TcpStream, peer: SocketAddr, _drain: Drain) {
+    let started = Instant::now();
+    let orig = match &proxy.orig_dst {
+        Some(lookup) => lookup.original_dst(pod.netns.cookie(), peer),
+        None => socket::original_dst_from_conntrack(&tcp, peer).ok(),
+    };
+    let Some(orig) = orig.map(socket::canonical) else {
+        tracing::warn!(pod = %pod.name(), %peer, "captured connection without an original destination; refusing");
+        return socket::reset(tcp);
+    };
+    if orig.port() == OUTBOUND_PORT && orig.ip().is_loopback() {
+        tracing::warn!(pod = %pod.name(), %peer, "connection addressed to the capture port itself; refusing");
+        return socket::reset(tcp);
+    }
+    let state = proxy.state.load();
+    let src = pod.current(&state);
+    let route = resolve(&state, orig);
+    drop(state);
+
+    match route {
+        Route::Refuse(why) => {
+            tracing::info!(pod = %pod.name(), %orig, reason = %why, "outbound refused");
+            socket::reset(tcp);
+        }
+        Route::Direct { dest, service, target } => {
+            let labels = labels(&src, dest.as_deref(), service.as_deref(), target, false);
+            let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, socket::connect_in(&pod.netns, target)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return refuse_after_connect(tcp, &pod, target, &e.to_string()),
+                Err(_) => return refuse_after_connect(tcp, &pod, target, "connect timed out"),
+            };
+            let conn = proxy.metrics.conn_opened(&labels);
+            let mut tcp = tcp;
+            let mut upstream = upstream;
+            let res = tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await;
+            let (up, down) = res.as_ref().map(|(a, b)| (*a, *b)).unwrap_or((0, 0));
+            conn.closed(up, down);
+            access_log(&pod, peer, orig, target, &src.identity, None, up, down, started, res.err().map(|e| e.to_string()));
+        }
+        Route::Mesh { dest, service, target } => {
+            let labels = labels(&src, Some(&dest), service.as_deref(), target, true);
+            let tunnel = open_tunnel(&proxy, &pod, &src, &dest, target).await;
+            let (send, recv) = match tunnel {
+                Ok(t) => t,
+                Err(e) => return refuse_after_connect(tcp, &pod, target, &e),
+            };
+            let conn = proxy.metrics.conn_opened(&labels);
+            let (copied, res) = hbone::copy(tcp, send, recv).await;
+            conn.closed(copied.to_tunnel, copied.from_tunnel);
+            access_log(
+                &pod,
+                peer,
+                orig,
+                target,
+                &src.identity,
+                Some(&dest.identity),
+                copied.to_tunnel,
+                copied.from_tunnel,
+                started,
+                res.err().map(|e| e.to_string()),
+            );
+        }
+    }
+}
+
+/// A CONNECT stream to `target` over the pooled HBONE connection to its pod (one retry on a
+/// fresh connection when the pooled one turned out to be dead).
+async fn open_tunnel(
+    proxy: &Arc<Proxy>,
+    pod: &Arc<Pod>,
+    src: &Workload,
+    dest: &Workload,
+    target: SocketAddr,
+) -> Result<(h2::SendStream<bytes::Bytes>, h2::RecvStream), String> {
+    let cert = proxy.certs.fetch(&src.identity).await.map_err(|e| format!("no certificate for {}: {e}", src.identity))?;
+    let key = pool::Key {
+        src_netns: pod.netns.cookie(),
+        src: src.identity.clone(),
+        dst: dest.identity.clone(),
+        dst_addr: SocketAddr::new(target.ip(), HBONE_PORT),
+    };
+    let headers = [("baggage", baggage(src))];
+    for attempt in 0..2 {
+        let sender = proxy
+            .pool
+            .get(&key, || connect_hbone(pod, cert.clone(), &dest.identity, key.dst_addr))
+            .await
+            .map_err(|e| format!("HBONE to {}: {e}", key.dst_addr))?;
+        match hbone::connect(sender, target, &headers).await {
+            Ok(t) => return Ok(t),
+            // Connection-level failure on a reused connection: drop it and try once more.
+            Err(hbone::Error::H2(e)) if attempt == 0 && !e.is_reset() => {
+                tracing::debug!(error = %e, dst = %key.dst_addr, "pooled HBONE connection failed; reconnecting");
+                proxy.pool.evict(&key);
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    unreachable!("the loop returns on its second attempt")
+}
+
+/// A new mutual-TLS HTTP/2 connection from inside the pod to `dst_addr` (the peer's 15008).
+async fn connect_hbone(
+    pod: &Pod,
+    cert: Arc<WorkloadCert>,
+    expected: &Identity,
+    dst_addr: SocketAddr,
+) -> Result<h2::client::SendRequest<bytes::Bytes>, String> {
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, socket::connect_in(&pod.netns, dst_addr))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| format!("connect: {e}"))?;
+    let connector = tokio_rustls::TlsConnector::from(cert.client_config(std::slice::from_ref(expected)));
+    // SPIFFE peers are verified by URI SAN; an IP server name keeps SNI off the wire.
+    let name = ServerName::IpAddress(dst_addr.ip().into());
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp))
+        .await
+        .map_err(|_| "TLS handshake timed out".to_string())?
+        .map_err(|e| format!("TLS: {e}"))?;
+    let (sender, conn) = hbone::client_builder().handshake(tls).await.map_err(|e| format!("HTTP/2: {e}"))?;
+    let dst = dst_addr;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(%dst, error = %e, "HBONE connection ended");
+        }
+    });
+    Ok(sender)
+}
+
+/// Istio's workload metadata header on CONNECT, read by waypoints and peers for telemetry.
+fn baggage(w: &Workload) -> String {
+    format!(
+        "k8s.cluster.name=Kubernetes,k8s.namespace.name={},k8s.pod.name={},service.name={},service.version={}",
+        w.namespace,
+        w.name,
+        w.labels.get("app").map(String::as_str).unwrap_or(&w.workload_name),
+        w.labels.get("version").map(String::as_str).unwrap_or("latest"),
+    )
+}
+
+fn labels(src: &Workload, dest: Option<&Workload>, service: Option<&Service>, target: SocketAddr, mtls: bool) -> ConnLabels {
+    let mut l = ConnLabels {
+        reporter: Reporter::Source,
+        source: peer_labels(src),
+        destination: dest.map(peer_labels).unwrap_or_default(),
+        destination_service: String::new(),
+        destination_service_name: String::new(),
+        destination_service_namespace: String::new(),
+        mtls,
+        response_flags: "-",
+    };
+    service_labels(&mut l, service, target);
+    l
+}
+
+fn refuse_after_connect(tcp: TcpStream, pod: &Pod, target: SocketAddr, why: &str) {
+    tracing::warn!(pod = %pod.name(), %target, error = %why, "outbound connection failed");
+    socket::reset(tcp);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn access_log(
+    pod: &Pod,
+    peer: SocketAddr,
+    orig: SocketAddr,
+    target: SocketAddr,
+    src: &Identity,
+    dst: Option<&Identity>,
+    sent: u64,
+    received: u64,
+    started: Instant,
+    error: Option<String>,
+) {
+    tracing::info!(
+        target: "access",
+        direction = "outbound",
+        pod = %pod.name(),
+        src.addr = %peer,
+        dst.original = %orig,
+        dst.addr = %target,
+        src.identity = %src,
+        dst.identity = dst.map(|d| d.to_string()).unwrap_or_default(),
+        bytes_sent = sent,
+        bytes_received = received,
+        duration_ms = started.elapsed().as_millis() as u64,
+        error = error.unwrap_or_default(),
+        "connection complete"
+    );
+}
