@@ -128,7 +128,9 @@ impl Agent {
             writeln!(f, "===== harness: {} {}", self.opts.bin.display(), self.args.join(" "))
         });
         let bin = self.opts.bin.display().to_string();
-        self.bg = Some(Background::spawn_with_env("weft node", &bin, &self.args, &[("RUST_LOG", &rust_log)], &self.log, Io::Log)?);
+        // NO_COLOR: the log is a file that people read, not a terminal.
+        let env = [("RUST_LOG", rust_log.as_str()), ("NO_COLOR", "1")];
+        self.bg = Some(Background::spawn_with_env("weft node", &bin, &self.args, &env, &self.log, Io::Log)?);
         Ok(())
     }
 

@@ -1,12 +1,14 @@
 //! Garbage on a pod's HBONE port (15008) is refused — plain HTTP text, TLS without a client
 //! certificate, TLS with a certificate from another root claiming a mesh identity — while an
 //! established mesh connection keeps working. The attacker's sockets are created inside a plain
-//! pod's network namespace with `weft::netns::Netns::run`. Needs root and the agent binary.
+//! pod's network namespace with `weft::netns::Netns::run`. A positive control with a certificate
+//! from the mesh's own CA shows the same client gets through. Needs root and the agent binary.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
@@ -79,8 +81,11 @@ fn rogue_client_cert() -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)
     (vec![leaf.der().clone(), ca.der().clone()], key)
 }
 
-/// What the attacker got: `Ok(status)` if an HTTP/2 CONNECT was answered, else why not.
-async fn hbone_connect(tcp: tokio::net::TcpStream, server: IpAddr, cfg: Arc<ClientConfig>, authority: &str) -> Result<http::StatusCode, String> {
+/// An answered HTTP/2 CONNECT: its status and the tunnel's two halves.
+type Tunnel = (http::StatusCode, h2::SendStream<Bytes>, h2::RecvStream);
+
+/// TLS + HTTP/2 CONNECT to `authority` over `tcp`; `Err` says where it was refused.
+async fn hbone_connect(tcp: tokio::net::TcpStream, server: IpAddr, cfg: Arc<ClientConfig>, authority: &str) -> Result<Tunnel, String> {
     let tls = tokio_rustls::TlsConnector::from(cfg)
         .connect(ServerName::IpAddress(server.into()), tcp)
         .await
@@ -91,9 +96,35 @@ async fn hbone_connect(tcp: tokio::net::TcpStream, server: IpAddr, cfg: Arc<Clie
     });
     let mut send = send.ready().await.map_err(|e| format!("HTTP/2 closed: {e}"))?;
     let req = http::Request::builder().method(http::Method::CONNECT).uri(authority).body(()).unwrap();
-    let (resp, _stream) = send.send_request(req, false).map_err(|e| format!("CONNECT not sent: {e}"))?;
+    let (resp, tx) = send.send_request(req, false).map_err(|e| format!("CONNECT not sent: {e}"))?;
     let resp = resp.await.map_err(|e| format!("CONNECT refused: {e}"))?;
-    Ok(resp.status())
+    let status = resp.status();
+    Ok((status, tx, resp.into_body()))
+}
+
+fn status_of(r: &Result<Result<Tunnel, String>, tokio::time::error::Elapsed>) -> String {
+    match r {
+        Ok(Ok((status, _, _))) => format!("CONNECT answered {status}"),
+        Ok(Err(e)) => e.clone(),
+        Err(_) => format!("no answer within {LIMIT:?}"),
+    }
+}
+
+/// A certificate for sa client signed by the agent's own local-mode CA (root kept in the state
+/// directory): the positive control proving the attacker's client code can get through at all.
+fn mesh_client_cert(topo: &Topology) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    let state = topo.dir().join("state");
+    let read = |f: &str| {
+        std::fs::read_to_string(state.join(f)).unwrap_or_else(|e| panic!("{}/{f}: {e} (where does local mode keep its CA root now?)", state.display()))
+    };
+    let ca_key = rcgen::KeyPair::from_pem(&read("ca-key.pem")).unwrap();
+    let ca_pem = read("ca-cert.pem");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![rcgen::SanType::URI(spiffe(MESH_NS, "client").try_into().unwrap())];
+    let leaf = params.signed_by(&leaf_key, &issuer).unwrap();
+    (vec![leaf.der().clone()], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())))
 }
 
 fn ping(chat: &mut Background, n: u32) {
@@ -122,11 +153,35 @@ fn garbage_on_15008_is_refused_while_a_mesh_connection_keeps_working() {
         .unwrap();
     assert!(chat.recv_line(LIMIT).unwrap().starts_with("connected"));
     ping(&mut chat, 0);
-    let served_before = requests_logged(&topo);
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let hbone = v1.addr(HBONE_PORT);
     let authority = v1.addr(8080).to_string();
+
+    // 0. Positive control: the same client with a certificate from the mesh's CA gets through,
+    // so the refusals below are about the credentials, not about this client.
+    let body = rt.block_on(async {
+        let tcp = connect_from(&legacy.netns, hbone);
+        let (status, mut tx, mut rx) = tokio::time::timeout(LIMIT, hbone_connect(tcp, v1.ipv4.into(), client_config(Some(mesh_client_cert(&topo))), &authority))
+            .await
+            .expect("positive control: no answer")
+            .unwrap_or_else(|e| panic!("positive control with a mesh certificate refused: {e}"));
+        assert!(status.is_success(), "positive control: CONNECT answered {status}");
+        tx.send_data(Bytes::from_static(b"GET / HTTP/1.1\r\nHost: v1\r\nConnection: close\r\n\r\n"), false).unwrap();
+        let mut body = Vec::new();
+        let _ = tokio::time::timeout(LIMIT, async {
+            while let Some(Ok(chunk)) = rx.data().await {
+                body.extend_from_slice(&chunk);
+                if body.windows(10).any(|w| w == b"hello from") {
+                    break;
+                }
+            }
+        })
+        .await;
+        String::from_utf8_lossy(&body).into_owned()
+    });
+    assert!(body.contains("hello from server-v1"), "positive control: no answer through the tunnel: {body:?}");
+    let served_before = requests_logged(&topo);
 
     // 1. Plain HTTP text: a CONNECT and a GET, no TLS at all.
     let got = rt.block_on(async {
@@ -146,6 +201,7 @@ fn garbage_on_15008_is_refused_while_a_mesh_connection_keeps_working() {
         .await;
         (ended.is_ok(), String::from_utf8_lossy(&buf).into_owned())
     });
+    eprintln!("plain HTTP on 15008 → closed={} reply={:?}", got.0, got.1);
     assert!(got.0, "plaintext on 15008: connection left open for {LIMIT:?}");
     assert!(!got.1.contains("hello from") && !got.1.contains(" 200 "), "plaintext on 15008 was served: {:?}", got.1);
     ping(&mut chat, 1);
@@ -155,7 +211,8 @@ fn garbage_on_15008_is_refused_while_a_mesh_connection_keeps_working() {
         let tcp = connect_from(&legacy.netns, hbone);
         tokio::time::timeout(LIMIT, hbone_connect(tcp, v1.ipv4.into(), client_config(None), &authority)).await
     });
-    assert!(!matches!(r, Ok(Ok(s)) if s.is_success()), "TLS without a client certificate got through: {r:?}");
+    eprintln!("TLS without a client certificate → {}", status_of(&r));
+    assert!(!matches!(&r, Ok(Ok((s, _, _))) if s.is_success()), "TLS without a client certificate got through: {}", status_of(&r));
     ping(&mut chat, 2);
 
     // 3. TLS with a certificate from another root that claims the client's identity.
@@ -163,7 +220,8 @@ fn garbage_on_15008_is_refused_while_a_mesh_connection_keeps_working() {
         let tcp = connect_from(&legacy.netns, hbone);
         tokio::time::timeout(LIMIT, hbone_connect(tcp, v1.ipv4.into(), client_config(Some(rogue_client_cert())), &authority)).await
     });
-    assert!(!matches!(r, Ok(Ok(s)) if s.is_success()), "a certificate from a foreign root got through: {r:?}");
+    eprintln!("TLS with a foreign root's certificate → {}", status_of(&r));
+    assert!(!matches!(&r, Ok(Ok((s, _, _))) if s.is_success()), "a certificate from a foreign root got through: {}", status_of(&r));
 
     assert_eq!(requests_logged(&topo), served_before, "garbage reached the server app");
     ping(&mut chat, 3);

@@ -66,7 +66,7 @@ impl Report {
     }
 }
 
-pub fn run(check: bool) -> Result<()> {
+pub fn run(check: bool, release: bool) -> Result<()> {
     sys::require_root("demo")?;
     sys::ensure_tools(&[("ip", "iproute2"), ("tcpdump", "tcpdump"), ("curl", "curl"), ("mount", "mount")])?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -74,8 +74,8 @@ pub fn run(check: bool) -> Result<()> {
         let stop = stop.clone();
         ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst)).context("install the Ctrl-C handler")?;
     }
-    println!("building weft and weft-probe (release)…");
-    let (weft, probe) = sys::build_binaries(true)?;
+    println!("building weft and weft-probe ({})…", if release { "release" } else { "debug" });
+    let (weft, probe) = sys::build_binaries(release)?;
     weft_tests::use_probe_bin(probe);
 
     let mut report = Report { check, failed: Vec::new(), stop: stop.clone() };

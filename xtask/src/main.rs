@@ -36,6 +36,9 @@ enum Cmd {
         /// Print one PASS/FAIL line per step, tear down, and exit non-zero on any failure.
         #[arg(long)]
         check: bool,
+        /// Use a debug build of weft (quicker to build, slower to run).
+        #[arg(long)]
+        debug: bool,
     },
     /// Benchmarks.
     Bench {
@@ -54,7 +57,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::BuildEbpf { check } => ebpf::build(check),
         Cmd::Test(args) => suite::run(args),
-        Cmd::Demo { check } => demo::run(check),
+        Cmd::Demo { check, debug } => demo::run(check, !debug),
         Cmd::Bench { which: BenchCmd::L4(args) } => bench::l4(args),
     }
 }

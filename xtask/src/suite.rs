@@ -49,7 +49,8 @@ pub fn run(args: Args) -> Result<()> {
 
     println!("==> cargo test --workspace (unit and in-process tests)");
     let mut c = sys::cargo();
-    c.args(["test", "--workspace", "--exclude", "weft-tests"]);
+    // --no-fail-fast: one failing test binary must not hide the results of the others.
+    c.args(["test", "--no-fail-fast", "--workspace", "--exclude", "weft-tests"]);
     if args.release {
         c.arg("--release");
     }
@@ -60,7 +61,12 @@ pub fn run(args: Args) -> Result<()> {
     let (tally, ok) = match sys::build_binaries(args.release) {
         Ok((weft, probe)) => {
             let mut c = sys::cargo();
-            c.args(["test", "-p", "weft-tests"]).env("WEFT_BIN", &weft).env("WEFT_PROBE_BIN", &probe);
+            c.args(["test", "--no-fail-fast", "-p", "weft-tests"]).env("WEFT_BIN", &weft).env("WEFT_PROBE_BIN", &probe);
+            if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+                // The harness's errors already say what failed and show the agent log; a
+                // backtrace per anyhow error would bury that.
+                c.env("RUST_LIB_BACKTRACE", "0");
+            }
             if args.release {
                 c.arg("--release");
             }
