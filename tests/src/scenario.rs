@@ -20,6 +20,16 @@ pub const SERVER_PORT: u16 = 80;
 pub const SERVER_TARGET_PORT: u16 = 8080;
 /// curl's exit code for "could not connect" (refused).
 pub const CURL_COULDNT_CONNECT: i32 = 7;
+/// curl's exit codes for a prompt refusal by a live agent: refused (7), closed without a reply
+/// (52) or reset (56). An agent that accepts on its in-pod listener and then refuses (as
+/// ztunnel does for STRICT plaintext or a denied connection) yields 52 or 56, depending on
+/// whether its close or the request arrives first; a timeout (28) is not a refusal.
+pub const CURL_REFUSED: [i32; 3] = [7, 52, 56];
+
+/// True when curl's exit says the connection was refused promptly (see [`CURL_REFUSED`]).
+pub fn refused(out: &Output) -> bool {
+    out.code.is_some_and(|c| CURL_REFUSED.contains(&c))
+}
 
 /// The demo's topology under `name` (see the module doc).
 pub fn demo(name: &str) -> TopologyBuilder {
@@ -66,11 +76,14 @@ pub fn get(from: &Pod, url: &str, marker: &str) -> Result<String> {
     }
 }
 
-/// curl `url` from `from` and expect a failure; returns the transcript.
+/// curl `url` from `from` and expect a prompt refusal ([`refused`]); returns the transcript.
 pub fn get_fails(from: &Pod, url: &str, marker: &str) -> Result<Output> {
     let out = from.curl(url, marker)?;
-    if out.success() && out.stdout.contains("hello from") {
+    if out.stdout.contains("hello from") {
         bail!("{} → {url} was answered but should have been refused: {}", from.name(), out.stdout.trim());
+    }
+    if !refused(&out) {
+        bail!("{} → {url} should have been refused promptly (curl exit 7, 52 or 56): {out}", from.name());
     }
     Ok(out)
 }

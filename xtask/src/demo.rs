@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use weft_tests::mesh::spiffe;
 use weft_tests::process::Background;
-use weft_tests::scenario::{self, CURL_COULDNT_CONNECT, MESH_NS, SERVER_VIP};
+use weft_tests::scenario::{self, MESH_NS, SERVER_VIP};
 use weft_tests::{Agent, AgentOptions, Capture, Topology};
 
 use crate::sys;
@@ -164,8 +164,8 @@ fn walk(r: &mut Report, weft: std::path::PathBuf) -> Result<()> {
 
     r.step("strict", "legacy (not in the mesh) → server-v1:8080 in plaintext: refused, PeerAuthentication is STRICT", || {
         let out = scenario::get_fails(legacy, &scenario::pod_url(v1, 8080), "plaintext")?;
-        ensure!(out.code == Some(CURL_COULDNT_CONNECT), "expected connection refused, got {out}");
-        Ok(((), "connection refused".to_string()))
+        ensure!(scenario::refused(&out), "expected a prompt refusal, got {out}");
+        Ok(((), format!("refused (curl exit {})", out.code.unwrap_or_default())))
     });
 
     r.step("policy", "intruder (in the mesh, sa intruder) → server: denied by the AuthorizationPolicy; client still allowed", || {

@@ -80,6 +80,15 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 pub fn cargo() -> Command {
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     c.current_dir(repo_root());
+    // `cargo run` gave this process xtask's package variables; passed on, they look like changed
+    // environment to build scripts that track them (ring's tracks CARGO_MANIFEST_DIR) and every
+    // `cargo xtask` would rebuild half the dependency tree.
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("CARGO_PKG_") || ["CARGO_MANIFEST_DIR", "CARGO_MANIFEST_PATH", "CARGO_CRATE_NAME", "CARGO_BIN_NAME", "CARGO_PRIMARY_PACKAGE"].contains(&&*k) {
+            c.env_remove(&*k);
+        }
+    }
     c
 }
 
