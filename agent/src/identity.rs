@@ -8,6 +8,7 @@
 //! its caller authentication (`weft ca`), authorization decisions (`policy`), or sockets.
 
 pub mod ca;
+pub mod grpc;
 pub mod manager;
 mod verify;
 

@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod ca_server;
 pub mod config;
 pub mod crd;
 pub mod discovery;

@@ -1,5 +1,6 @@
 //! weft's developer tasks (`cargo xtask …`, aliased in .cargo/config.toml):
 //! - `build-ebpf [--check]`: build the eBPF object (or prove the checked-in one is current)
+//! - `codegen [--check]`: regenerate checked-in generated code (gRPC protos), or prove it is current
 //! - `test`: everything CI runs, as root: unit, in-process and network-namespace suites
 //! - `demo [--check]`: a local mesh of network-namespace pods, walked through step by step
 //! - `bench l4`: no mesh vs weft (eBPF redirect) vs iptables REDIRECT on the same topology
@@ -7,6 +8,7 @@
 //! Each task lives in its own module; this file only parses the command line.
 
 mod bench;
+mod codegen;
 mod demo;
 mod ebpf;
 mod suite;
@@ -25,6 +27,11 @@ struct Cli {
 enum Cmd {
     /// Build ebpf/programs into the checked-in object (--check: fail if it is not current).
     BuildEbpf {
+        #[arg(long)]
+        check: bool,
+    },
+    /// Regenerate the checked-in generated code from its sources (--check: fail if it is not current).
+    Codegen {
         #[arg(long)]
         check: bool,
     },
@@ -56,6 +63,7 @@ enum BenchCmd {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::BuildEbpf { check } => ebpf::build(check),
+        Cmd::Codegen { check } => codegen::run(check),
         Cmd::Test(args) => suite::run(args),
         Cmd::Demo { check, debug } => demo::run(check, !debug),
         Cmd::Bench { which: BenchCmd::L4(args) } => bench::l4(args),
