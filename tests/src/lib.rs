@@ -11,6 +11,7 @@
 //! a topology are serialised by a host-wide lock (the agent's eBPF programs are node-global).
 
 pub mod agent;
+pub mod apiserver;
 pub mod capture;
 pub mod mesh;
 pub mod metrics;
