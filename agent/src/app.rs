@@ -80,7 +80,7 @@ pub async fn run_node(config: Arc<Config>) -> Result<(), Error> {
 
     let mut term = signal(SignalKind::terminate()).map_err(Error::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
-    let mut pods = Pods { proxy, redirect, served: HashMap::new(), drain: drain.clone(), config: config.clone() };
+    let mut pods = Pods { proxy, redirect, certs: admin.certs.clone(), served: HashMap::new(), drain: drain.clone(), config: config.clone() };
     pods.adopt_pinned(&store.load());
     let mut changes = store.subscribe();
     loop {
@@ -127,6 +127,7 @@ struct Served {
 struct Pods {
     proxy: Arc<Proxy>,
     redirect: Option<Arc<Redirect>>,
+    certs: Arc<CertManager>,
     served: HashMap<PodKey, Served>,
     drain: Drain,
     config: Arc<Config>,
@@ -174,6 +175,11 @@ impl Pods {
                 tracing::warn!(pod = %format!("{}/{}", key.namespace, key.name), error = %e, "unenroll failed");
             }
             self.proxy.forget_pod(served.cookie);
+            let identity = &served.handle.workload().identity;
+            if !self.served.values().any(|s| &s.handle.workload().identity == identity) {
+                // No pod here uses it any more: stop rotating its certificate.
+                self.certs.forget(identity);
+            }
             tracing::info!(pod = %format!("{}/{}", key.namespace, key.name), "pod left the mesh");
             served.handle.stop(self.config.drain_timeout).await;
         }

@@ -19,6 +19,14 @@ struct Cli {
 enum Command {
     /// The per-node agent: eBPF redirect, in-pod listeners, HBONE mTLS tunnel, L4 policy.
     Node(NodeArgs),
+    /// Detaches weft's eBPF programs and removes their pins: enrolled pods stop being redirected
+    /// (and stop failing closed). Run it after removing the agent for good.
+    Uninstall {
+        #[arg(long, default_value = weft::config::DEFAULT_PIN_DIR)]
+        bpf_pin_dir: std::path::PathBuf,
+        #[arg(long, default_value = weft::config::DEFAULT_CGROUP)]
+        cgroup: std::path::PathBuf,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -33,6 +41,16 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Uninstall { bpf_pin_dir, cgroup } => {
+            let opts = weft::redirect::Options { pin_dir: bpf_pin_dir, cgroup, ..Default::default() };
+            match weft::redirect::Redirect::remove_all(&opts) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("weft uninstall: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Node(args) => {
             let config = match Config::from_node_args(args) {
                 Ok(c) => Arc::new(c),

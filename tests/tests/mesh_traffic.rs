@@ -31,6 +31,9 @@ fn client_reaches_server_by_vip_and_pod_ip_with_no_plaintext_on_the_wire() {
     }
     let body = scenario::get(client, &scenario::pod_url(v1, 8080), marker).unwrap();
     assert!(body.starts_with("hello from server-v1"), "{body}");
+    // The agent hands the connection to the app on the pod IP: a remote caller must never look
+    // like localhost to the app.
+    assert!(body.contains(&format!("peer={}:", v1.ipv4)), "the app should see the pod IP as peer: {body}");
     let (w1, w2) = (cap1.stop().unwrap(), cap2.stop().unwrap());
 
     assert!(answered_by.iter().all(|n| n.starts_with("server-v")), "{answered_by:?}");

@@ -133,7 +133,14 @@ fn measure_setup(setup: Setup, topo: &Topology, client: &Pod, server: &Pod, weft
     if setup == Setup::Iptables {
         client.exec(&["iptables", "-t", "nat", "-F", "OUTPUT"], Duration::from_secs(10))?;
     }
-    drop(agent);
+    if let Some(agent) = agent {
+        drop(agent);
+        // The agent leaves its eBPF programs pinned (pods fail closed); the next setup must start
+        // from a node without them, or the iptables path would measure the eBPF one.
+        let pins = topo.bpf_pin_dir().display().to_string();
+        weft_tests::process::run_ok(&weft.display().to_string(), &["uninstall", "--bpf-pin-dir", &pins], Duration::from_secs(30))
+            .context("weft uninstall between setups")?;
+    }
     Ok(row)
 }
 

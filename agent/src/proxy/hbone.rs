@@ -23,8 +23,12 @@ pub const CONNECTION_WINDOW: u32 = 16 << 20;
 pub const MAX_FRAME: u32 = 1 << 20;
 /// How many tunnels may share one HBONE connection.
 pub const MAX_STREAMS: u32 = 1000;
-/// Read size from the plaintext side; each read becomes (at most) one DATA frame.
+/// Largest read from the plaintext side; each read becomes (at most) one DATA frame. Bulk
+/// transfers grow to this; request/response traffic stays at `FIRST_READ`.
 const READ_CHUNK: usize = 256 << 10;
+/// First read buffer of a tunnel: most connections are small, so they should not pay for
+/// (or keep resident) a bulk-sized buffer.
+const FIRST_READ: usize = 16 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -123,17 +127,24 @@ async fn plain_to_tunnel<R: AsyncRead + Unpin>(
     send: &mut SendStream<Bytes>,
     count: &mut u64,
 ) -> Result<(), Error> {
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut buf = BytesMut::with_capacity(FIRST_READ);
+    let mut chunk = FIRST_READ;
     loop {
         // Frozen chunks are freed once h2 has written them; `reserve` then reuses the block
         // instead of allocating, so a long transfer allocates a handful of buffers in total.
-        if buf.capacity() < READ_CHUNK / 4 {
-            buf.reserve(READ_CHUNK);
+        if buf.capacity() < chunk / 4 {
+            buf.reserve(chunk);
         }
+        let room = buf.capacity();
         let n = r.read_buf(&mut buf).await?;
         if n == 0 {
             send.send_data(Bytes::new(), true)?;
             return Ok(());
+        }
+        // A read that filled the buffer means a bulk sender: read more at a time from now on
+        // (the larger block is reserved at the top of the loop, after this data is split off).
+        if n == room {
+            chunk = (chunk * 2).min(READ_CHUNK);
         }
         *count += n as u64;
         let mut data = buf.split().freeze();

@@ -5,8 +5,13 @@
 //! the pod, apply AuthorizationPolicy, and connect to the app inside the pod.
 //! Plaintext (steered here by sk_lookup): PeerAuthentication STRICT refuses it; PERMISSIVE
 //! applies AuthorizationPolicy without a principal and passes it to the app.
+//!
+//! The app is reached on the address the client aimed at (the pod IP), from inside the pod — not
+//! on loopback: apps trust 127.0.0.1 (admin ports, "local only" checks) and a remote caller must
+//! never look local. sk_lookup leaves a pod's connections to its own IP alone, so this does not
+//! loop back to 15006.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -123,7 +128,7 @@ async fn stream(
     }
     let labels = labels(&state, &me, peer.ip(), Some(&src_id), dest, true);
     drop(state);
-    let app = match tokio::time::timeout(CONNECT_TIMEOUT, socket::connect_in(&pod.netns, app_addr(dest))).await {
+    let app = match tokio::time::timeout(CONNECT_TIMEOUT, socket::connect_in(&pod.netns, dest)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::info!(pod = %pod.name(), %dest, error = %e, "app refused the connection");
@@ -186,7 +191,7 @@ pub(super) async fn handle_plaintext(proxy: Arc<Proxy>, pod: Arc<Pod>, tcp: TcpS
     }
     let labels = labels(&state, &me, peer.ip(), None, dest, false);
     drop(state);
-    let mut app = match tokio::time::timeout(CONNECT_TIMEOUT, socket::connect_in(&pod.netns, app_addr(dest))).await {
+    let mut app = match tokio::time::timeout(CONNECT_TIMEOUT, socket::connect_in(&pod.netns, dest)).await {
         Ok(Ok(s)) => s,
         _ => return socket::reset(tcp),
     };
@@ -208,13 +213,6 @@ pub(super) async fn handle_plaintext(proxy: Arc<Proxy>, pod: Arc<Pod>, tcp: TcpS
         error = res.err().map(|e| e.to_string()).unwrap_or_default(),
         "connection complete"
     );
-}
-
-/// The app is reached on loopback inside the pod: the pod IP would be steered by sk_lookup
-/// straight back to us.
-fn app_addr(dest: SocketAddr) -> SocketAddr {
-    let ip: IpAddr = if dest.is_ipv4() { Ipv4Addr::LOCALHOST.into() } else { Ipv6Addr::LOCALHOST.into() };
-    SocketAddr::new(ip, dest.port())
 }
 
 fn labels(state: &State, me: &Workload, src_ip: IpAddr, src_id: Option<&Identity>, dest: SocketAddr, mtls: bool) -> ConnLabels {
