@@ -1,5 +1,6 @@
 //! AuthorizationPolicy changes take effect on SIGHUP without a restart (same pid), a broken file
-//! keeps the last good config, and an unrelated long-lived connection survives every reload.
+//! keeps the last good config, an unrelated long-lived connection survives every reload, and
+//! SIGTERM drains and exits 0.
 //! Needs root and the agent binary.
 
 use std::time::Duration;
@@ -73,4 +74,8 @@ fn policies_apply_on_sighup_without_restart_and_sessions_survive() {
     reload_with(&topo, &mut agent, pid, &[]);
     scenario::eventually_get(intruder, &url, SETTLE).expect("removing the policy did not restore access");
     ping(&mut chat, 4);
+
+    // SIGTERM drains (the session is still open) and exits 0.
+    let status = agent.stop().expect("agent did not exit within 30 s of SIGTERM");
+    assert!(status.success(), "SIGTERM should drain and exit 0, got {status}");
 }
