@@ -512,3 +512,27 @@ async fn watch_keeps_the_last_good_state_and_picks_up_the_next() {
         .expect("watch returns on shutdown")
         .unwrap();
 }
+
+#[test]
+fn the_shipped_example_is_the_demo_mesh() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/mesh.yaml");
+    let state = load(&path, &opts()).unwrap_or_else(|e| panic!("examples/mesh.yaml: {e}"));
+    let captured: Vec<String> =
+        state.local_captured("local").iter().map(|w| format!("{}/{}", w.namespace, w.name)).collect();
+    assert_eq!(captured, ["demo/client", "demo/intruder", "demo/server-v1", "demo/server-v2"]);
+    let svc = state.service_by_vip(ip("10.96.0.10")).expect("the server Service VIP");
+    assert_eq!((svc.name.as_str(), svc.endpoints.len(), svc.target_port(80)), ("server", 2, Some(8080)));
+    let server = &svc.endpoints[0];
+    let conn = |principal| Connection {
+        source_principal: Some(principal),
+        source_namespace: Some("demo"),
+        source_ip: ip("10.244.0.1"),
+        dest_ip: server.ips[0],
+        dest_port: 8080,
+        dest_namespace: "demo",
+        dest_labels: &server.labels,
+    };
+    assert_eq!(state.policies.authorize(&conn("cluster.local/ns/demo/sa/client")), Decision::Allow);
+    assert!(matches!(state.policies.authorize(&conn("cluster.local/ns/demo/sa/intruder")), Decision::Deny { .. }));
+    assert_eq!(state.policies.mtls_mode("demo", &server.labels, 8080), MtlsMode::Strict);
+}
