@@ -236,7 +236,9 @@ impl ApiServer {
 
     /// Keeps at most `n` changes of history (older ones are compacted as they age out).
     pub fn set_max_history(&self, n: usize) {
-        self.inner.store().max_history = n.max(1);
+        let mut s = self.inner.store();
+        s.max_history = n.max(1);
+        s.trim_history();
     }
 
     /// Registers a bearer token for TokenReview.

@@ -13,7 +13,7 @@
 //! separators do), the object and the field, e.g.
 //! `mesh.yaml: document 3 (Pod demo/client): status.podIP: invalid IP address "10.0.0.x"`.
 
-mod build;
+pub(super) mod build;
 #[cfg(test)]
 mod tests;
 

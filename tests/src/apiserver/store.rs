@@ -155,6 +155,14 @@ impl Store {
         }
     }
 
+    /// Compacts the oldest changes beyond `max_history`.
+    pub fn trim_history(&mut self) {
+        while self.history.len() > self.max_history {
+            let oldest = self.history.front().map_or(self.rv, |c| c.rv);
+            self.compact(oldest);
+        }
+    }
+
     pub fn get(&self, key: &Key) -> Option<Arc<Value>> {
         self.objects.get(key).cloned()
     }
@@ -229,10 +237,7 @@ impl Store {
             object: object.clone(),
             prev,
         }));
-        if self.history.len() > self.max_history {
-            let oldest = self.history.front().map(|c| c.rv).unwrap_or(rv);
-            self.compact(oldest);
-        }
+        self.trim_history();
         self.notify.send_replace(rv);
         object
     }

@@ -1,5 +1,9 @@
 //! Parsed objects → [`State`]: cross-object checks (namespaces, service accounts, duplicates, IP
 //! clashes), workloads, services with endpoints and resolved target ports, compiled policies.
+//!
+//! The per-object rules ([`workload`], [`service`]) are shared with `discovery::kube`, so both
+//! sources turn the same object into the same snapshot entry; they report a [`Bad`] field, which
+//! this file turns into a load error and the cluster source into a log line.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
@@ -18,6 +22,13 @@ use crate::state::{
     DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE, Service, ServicePort, State,
     Workload,
 };
+
+/// What is wrong with one object: the path of the offending field and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(in crate::discovery) struct Bad {
+    pub field: String,
+    pub reason: String,
+}
 
 /// Labels Istio reads, in order, for a workload's canonical name.
 const WORKLOAD_NAME_LABELS: [&str; 3] = [
@@ -49,17 +60,21 @@ impl Cx<'_> {
             reason: reason.into(),
         }
     }
+
+    fn bad(&self, doc: usize, object: &str, bad: Bad) -> FileError {
+        self.err(doc, object, Some(&bad.field), bad.reason)
+    }
 }
 
-fn ns_of(meta: &ObjectMeta) -> &str {
+pub(in crate::discovery) fn ns_of(meta: &ObjectMeta) -> &str {
     meta.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE)
 }
 
-fn name_of(meta: &ObjectMeta) -> &str {
+pub(in crate::discovery) fn name_of(meta: &ObjectMeta) -> &str {
     meta.name.as_deref().unwrap_or("")
 }
 
-fn describe(kind: &str, meta: &ObjectMeta, namespaced: bool) -> String {
+pub(in crate::discovery) fn describe(kind: &str, meta: &ObjectMeta, namespaced: bool) -> String {
     if namespaced {
         format!("{kind} {}/{}", ns_of(meta), name_of(meta))
     } else {
@@ -195,14 +210,12 @@ pub(super) fn build(objects: Objects, file: &str, opts: &FileOptions) -> Result<
     for (doc, pod) in &objects.pods {
         let object = describe("Pod", &pod.metadata, true);
         let (workload, ip_fields) = workload(
-            &cx,
-            *doc,
-            &object,
             pod,
             &namespaces,
-            &service_accounts,
-            opts,
-        )?;
+            Some(&service_accounts),
+            &opts.trust_domain,
+        )
+        .map_err(|bad| cx.bad(*doc, &object, bad))?;
         let workload = Arc::new(workload);
         for (field, ip) in ip_fields {
             if let Some((other, other_doc)) = ip_owner.insert(ip, (object.clone(), *doc)) {
@@ -227,7 +240,9 @@ pub(super) fn build(objects: Objects, file: &str, opts: &FileOptions) -> Result<
     let mut services_by_vip = HashMap::new();
     for (doc, svc) in &objects.services {
         let object = describe("Service", &svc.metadata, true);
-        let Some((service, vip_fields)) = service(&cx, *doc, &object, svc, &by_namespace)? else {
+        let Some((service, vip_fields)) = service(svc, Endpoints::Selector(&by_namespace))
+            .map_err(|bad| cx.bad(*doc, &object, bad))?
+        else {
             continue;
         };
         let service = Arc::new(service);
@@ -289,17 +304,16 @@ pub(super) fn build(objects: Objects, file: &str, opts: &FileOptions) -> Result<
     })
 }
 
-/// One pod → a workload, plus its IPs with the field each came from.
-fn workload(
-    cx: &Cx<'_>,
-    doc: usize,
-    object: &str,
+/// One pod → a workload, plus its IPs with the field each came from. `service_accounts`: the
+/// declared ones, when a pod must name one of them (the file; in a cluster the API server's
+/// admission already checked).
+pub(in crate::discovery) fn workload(
     pod: &Pod,
     namespaces: &HashMap<String, BTreeMap<String, String>>,
-    service_accounts: &HashSet<(&str, &str)>,
-    opts: &FileOptions,
-) -> Result<(Workload, FieldIps), FileError> {
-    let err = |field: &str, reason: String| cx.err(doc, object, Some(field), reason);
+    service_accounts: Option<&HashSet<(&str, &str)>>,
+    trust_domain: &str,
+) -> Result<(Workload, FieldIps), Bad> {
+    let err = |field: &str, reason: String| Bad { field: field.to_owned(), reason };
     let meta = &pod.metadata;
     let (name, namespace) = (name_of(meta), ns_of(meta));
     let labels = meta.labels.clone().unwrap_or_default();
@@ -314,7 +328,7 @@ fn workload(
     };
     let service_account = service_account.unwrap_or_else(|| "default".to_owned());
     if service_account != "default"
-        && !service_accounts.contains(&(namespace, service_account.as_str()))
+        && service_accounts.is_some_and(|d| !d.contains(&(namespace, service_account.as_str())))
     {
         return Err(err(
             sa_field,
@@ -325,7 +339,7 @@ fn workload(
         ));
     }
     let identity = Identity {
-        trust_domain: opts.trust_domain.clone(),
+        trust_domain: trust_domain.to_owned(),
         namespace: namespace.to_owned(),
         service_account: service_account.clone(),
     };
@@ -381,12 +395,9 @@ fn workload(
 
 /// `status.podIPs` (all families) or `status.podIP`; when both are set the first of `podIPs` must be
 /// `podIP`, as the API server requires.
-fn pod_ips(
-    pod: &Pod,
-    err: &impl Fn(&str, String) -> FileError,
-) -> Result<Vec<(String, IpAddr)>, FileError> {
+fn pod_ips<E>(pod: &Pod, err: &impl Fn(&str, String) -> E) -> Result<Vec<(String, IpAddr)>, E> {
     let status = pod.status.as_ref();
-    let parse = |field: &str, s: &str| -> Result<IpAddr, FileError> {
+    let parse = |field: &str, s: &str| -> Result<IpAddr, E> {
         let ip: IpAddr = s
             .parse()
             .map_err(|_| err(field, format!("invalid IP address {s:?}")))?;
@@ -446,20 +457,33 @@ fn netns_path(v: &str) -> Result<PathBuf, String> {
 }
 
 /// Addresses with the field path each was read from, for error messages.
-type FieldIps = Vec<(String, IpAddr)>;
+pub(in crate::discovery) type FieldIps = Vec<(String, IpAddr)>;
 
-type PodsByNamespace<'a> = HashMap<&'a str, Vec<(&'a Pod, Arc<Workload>)>>;
+/// Workloads per namespace, each with the pod it came from (for named ports), in name order.
+pub(in crate::discovery) type PodsByNamespace<'a> = HashMap<&'a str, Vec<(&'a Pod, Arc<Workload>)>>;
+
+/// Where a service's endpoints come from.
+pub(in crate::discovery) enum Endpoints<'a> {
+    /// The pods its `spec.selector` matches, named target ports resolved from their container
+    /// ports (what the endpoint controller would do; the file has no controller).
+    Selector(&'a PodsByNamespace<'a>),
+    /// Already resolved (from EndpointSlices): the ready workloads in name order, and the target
+    /// port of each service port by service port name (`""` for an unnamed port).
+    Resolved {
+        workloads: Vec<Arc<Workload>>,
+        target_ports: HashMap<String, u16>,
+    },
+}
 
 /// One Service → its snapshot form plus VIPs with their fields. `None` for services that have no
 /// virtual IP to capture (headless, ExternalName).
-fn service(
-    cx: &Cx<'_>,
-    doc: usize,
-    object: &str,
+pub(in crate::discovery) fn service(
     svc: &KubeService,
-    pods: &PodsByNamespace<'_>,
-) -> Result<Option<(Service, FieldIps)>, FileError> {
-    let err = |field: &str, reason: String| cx.err(doc, object, Some(field), reason);
+    endpoints: Endpoints<'_>,
+) -> Result<Option<(Service, FieldIps)>, Bad> {
+    let object = describe("Service", &svc.metadata, true);
+    let object = object.as_str();
+    let err = |field: &str, reason: String| Bad { field: field.to_owned(), reason };
     let namespace = ns_of(&svc.metadata);
     let Some(spec) = svc.spec.as_ref() else {
         return Err(err(
@@ -486,7 +510,7 @@ fn service(
         );
         return Ok(None);
     }
-    let parse = |field: &str, s: &str| -> Result<IpAddr, FileError> {
+    let parse = |field: &str, s: &str| -> Result<IpAddr, Bad> {
         let ip: IpAddr = s
             .parse()
             .map_err(|_| err(field, format!("invalid IP address {s:?}")))?;
@@ -524,17 +548,23 @@ fn service(
         (None, Some(_)) => {}
     }
 
-    let selector = spec.selector.clone().unwrap_or_default();
-    // An empty selector selects nothing in Kubernetes (endpoints are then managed by hand).
-    let endpoints: Vec<(&Pod, Arc<Workload>)> = if selector.is_empty() {
-        Vec::new()
-    } else {
-        pods.get(namespace)
-            .into_iter()
-            .flatten()
-            .filter(|(_, w)| selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
-            .map(|(p, w)| (*p, w.clone()))
-            .collect()
+    let (selected, resolved): (Vec<(&Pod, Arc<Workload>)>, _) = match endpoints {
+        Endpoints::Selector(pods) => {
+            let selector = spec.selector.clone().unwrap_or_default();
+            // An empty selector selects nothing in Kubernetes (endpoints are then managed by hand).
+            let selected = if selector.is_empty() {
+                Vec::new()
+            } else {
+                pods.get(namespace)
+                    .into_iter()
+                    .flatten()
+                    .filter(|(_, w)| selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+                    .map(|(p, w)| (*p, w.clone()))
+                    .collect()
+            };
+            (selected, None)
+        }
+        Endpoints::Resolved { workloads, target_ports } => (Vec::new(), Some((workloads, target_ports))),
     };
 
     let mut ports = Vec::new();
@@ -565,7 +595,16 @@ fn service(
                 format!("port {port} is listed twice"),
             ));
         }
+        let from_slices = resolved
+            .as_ref()
+            .and_then(|(_, t)| t.get(p.name.as_deref().unwrap_or("")).copied());
         let target_port = match &p.target_port {
+            _ if from_slices.is_some() => from_slices.unwrap_or(port),
+            // No slice lists the port: no endpoint serves it, so its number cannot matter.
+            Some(IntOrString::String(name)) if resolved.is_some() => {
+                tracing::debug!(service = object, port, name, "named target port not in any EndpointSlice; port skipped");
+                continue;
+            }
             None => port,
             Some(IntOrString::Int(t)) => {
                 u16::try_from(*t).ok().filter(|t| *t != 0).ok_or_else(|| {
@@ -575,7 +614,7 @@ fn service(
                     )
                 })?
             }
-            Some(IntOrString::String(name)) => resolve_named_port(name, &endpoints)
+            Some(IntOrString::String(name)) => resolve_named_port(name, &selected)
                 .map_err(|why| err(&format!("{path}.targetPort"), why))?,
         };
         ports.push(ServicePort {
@@ -590,7 +629,10 @@ fn service(
         namespace: namespace.to_owned(),
         vips: vips.iter().map(|(_, ip)| *ip).collect(),
         ports,
-        endpoints: endpoints.into_iter().map(|(_, w)| w).collect(),
+        endpoints: match resolved {
+            Some((workloads, _)) => workloads,
+            None => selected.into_iter().map(|(_, w)| w).collect(),
+        },
     };
     Ok(Some((service, vips)))
 }

@@ -1,0 +1,276 @@
+//! Reflector stores → [`State`], with the file source's per-object rules (`file::build`). Unlike
+//! the file, a cluster is never rejected as a whole: an object that breaks a rule is left out and
+//! logged with its field, once per distinct problem (not at every rebuild).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Pod, Service as KubeService};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::DynamicObject;
+use serde::de::DeserializeOwned;
+
+use super::{KubeOptions, Stores};
+use crate::crd::{AuthorizationPolicy, PeerAuthentication};
+use crate::discovery::file::build::{
+    Endpoints, PodsByNamespace, describe, name_of, ns_of, service, workload,
+};
+use crate::policy::Policies;
+use crate::state::{State, Workload};
+
+/// Label an EndpointSlice carries with the name of its Service.
+pub(super) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The objects one snapshot is built from (what the stores held at one moment).
+#[derive(Default)]
+pub(super) struct Inputs {
+    pub pods: Vec<Arc<Pod>>,
+    /// Namespace name → labels.
+    pub namespaces: HashMap<String, BTreeMap<String, String>>,
+    pub services: Vec<Arc<KubeService>>,
+    pub slices: Vec<Arc<EndpointSlice>>,
+    pub authz: Vec<Arc<DynamicObject>>,
+    pub peer: Vec<Arc<DynamicObject>>,
+}
+
+impl Inputs {
+    fn from_stores(s: &Stores) -> Inputs {
+        Inputs {
+            pods: s.pods.state(),
+            namespaces: s
+                .namespaces
+                .state()
+                .iter()
+                .map(|n| (name_of(&n.metadata).to_owned(), n.metadata.labels.clone().unwrap_or_default()))
+                .collect(),
+            services: s.services.state(),
+            slices: s.slices.state(),
+            authz: s.authz.state(),
+            peer: s.peer.state(),
+        }
+    }
+}
+
+/// Builds snapshots and remembers which problems were already logged.
+pub(super) struct Builder {
+    opts: KubeOptions,
+    /// Problems logged for the previous snapshot; one that persists is not logged again.
+    reported: HashSet<String>,
+    /// Fingerprint of the policy objects last compiled: unchanged policies compile silently (the
+    /// compiler logs its warnings, which would otherwise repeat at every pod change).
+    policy_fingerprint: Option<u64>,
+}
+
+impl Builder {
+    pub fn new(opts: KubeOptions) -> Builder {
+        Builder { opts, reported: HashSet::new(), policy_fingerprint: None }
+    }
+
+    pub fn opts(&self) -> &KubeOptions {
+        &self.opts
+    }
+
+    /// The problems of the last snapshot (`Kind ns/name: field: reason`).
+    #[cfg(test)]
+    pub fn problems(&self) -> &HashSet<String> {
+        &self.reported
+    }
+
+    pub(super) fn build(&mut self, stores: &Stores) -> State {
+        self.build_from(&Inputs::from_stores(stores))
+    }
+
+    pub(super) fn build_from(&mut self, inputs: &Inputs) -> State {
+        let mut problems = Problems::default();
+        let state = build(inputs, &self.opts, &mut problems, &mut self.policy_fingerprint);
+        for p in problems.0.difference(&self.reported) {
+            tracing::warn!(problem = %p, "object left out of the mesh state; fix it (the rest applies)");
+        }
+        self.reported = problems.0;
+        state
+    }
+}
+
+/// Problems found in one build, as log lines: `Kind ns/name: field: reason`.
+#[derive(Default)]
+struct Problems(HashSet<String>);
+
+impl Problems {
+    fn add(&mut self, object: &str, field: &str, reason: &str) {
+        self.0.insert(format!("{object}: {field}: {reason}"));
+    }
+}
+
+fn build(
+    inputs: &Inputs,
+    opts: &KubeOptions,
+    problems: &mut Problems,
+    policy_fingerprint: &mut Option<u64>,
+) -> State {
+    let mut pods: Vec<&Pod> = inputs.pods.iter().map(Arc::as_ref).filter(|p| serves_traffic(p)).collect();
+    pods.sort_by(|a, b| (ns_of(&a.metadata), name_of(&a.metadata)).cmp(&(ns_of(&b.metadata), name_of(&b.metadata))));
+
+    let mut workloads_by_ip: HashMap<IpAddr, Arc<Workload>> = HashMap::new();
+    let mut by_namespace: PodsByNamespace<'_> = HashMap::new();
+    for pod in pods {
+        let object = describe("Pod", &pod.metadata, true);
+        let (w, ips) = match workload(pod, &inputs.namespaces, None, &opts.trust_domain) {
+            Ok(r) => r,
+            Err(bad) => {
+                problems.add(&object, &bad.field, &bad.reason);
+                continue;
+            }
+        };
+        let w = Arc::new(w);
+        // Name order decides which of two pods claiming one IP wins (a stale pod whose IP was
+        // reused before the API server saw it leave).
+        for (field, ip) in ips {
+            if let Some(other) = workloads_by_ip.get(&ip) {
+                problems.add(&object, &field, &format!("{ip} is already the IP of Pod {}/{}", other.namespace, other.name));
+                continue;
+            }
+            workloads_by_ip.insert(ip, w.clone());
+        }
+        by_namespace.entry(ns_of(&pod.metadata)).or_default().push((pod, w));
+    }
+
+    let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+    for s in &inputs.slices {
+        if let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) {
+            slices.entry((ns_of(&s.metadata), svc.as_str())).or_default().push(s);
+        }
+    }
+
+    let mut services: Vec<&KubeService> = inputs.services.iter().map(Arc::as_ref).collect();
+    services.sort_by(|a, b| (ns_of(&a.metadata), name_of(&a.metadata)).cmp(&(ns_of(&b.metadata), name_of(&b.metadata))));
+    let mut services_by_vip = HashMap::new();
+    for svc in services {
+        let object = describe("Service", &svc.metadata, true);
+        let endpoints = match slices.get(&(ns_of(&svc.metadata), name_of(&svc.metadata))) {
+            Some(list) => from_slices(list, &workloads_by_ip),
+            None => Endpoints::Selector(&by_namespace),
+        };
+        let (s, vips) = match service(svc, endpoints) {
+            Ok(Some(r)) => r,
+            Ok(None) => continue,
+            Err(bad) => {
+                problems.add(&object, &bad.field, &bad.reason);
+                continue;
+            }
+        };
+        let s = Arc::new(s);
+        for (field, vip) in vips {
+            if let Some(w) = workloads_by_ip.get(&vip) {
+                problems.add(&object, &field, &format!("{vip} is already the IP of Pod {}/{}", w.namespace, w.name));
+                continue;
+            }
+            if let Some(other) = services_by_vip.insert(vip, s.clone()) {
+                services_by_vip.insert(vip, other.clone());
+                problems.add(&object, &field, &format!("{vip} is already the IP of Service {}/{}", other.namespace, other.name));
+            }
+        }
+    }
+
+    let policies = policies(inputs, opts, problems, policy_fingerprint);
+    State { workloads_by_ip, services_by_vip, namespaces: inputs.namespaces.clone(), policies }
+}
+
+/// Pods that have or may have an IP of their own: not finished, not on the host network (those
+/// share the node's address, so an IP cannot tell them apart; Istio never captures them), and
+/// scheduled with an address (a pending pod has none yet: not an error, just not there).
+fn serves_traffic(p: &Pod) -> bool {
+    let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+    let host_network = p.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false);
+    let has_ip = p.status.as_ref().is_some_and(|s| {
+        s.pod_ip.as_deref().is_some_and(|ip| !ip.is_empty()) || s.pod_ips.as_ref().is_some_and(|v| !v.is_empty())
+    });
+    !matches!(phase, Some("Succeeded" | "Failed")) && !host_network && has_ip
+}
+
+/// A service's endpoints as its EndpointSlices list them: ready endpoints (an unset condition
+/// means ready, as the API defines) whose address is a known pod, in name order; target ports by
+/// service port name.
+fn from_slices<'a>(slices: &[&EndpointSlice], workloads: &HashMap<IpAddr, Arc<Workload>>) -> Endpoints<'a> {
+    let mut selected: BTreeMap<(String, String), Arc<Workload>> = BTreeMap::new();
+    let mut target_ports: HashMap<String, u16> = HashMap::new();
+    for slice in slices {
+        if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+            continue;
+        }
+        for p in slice.ports.iter().flatten() {
+            let tcp = p.protocol.as_deref().unwrap_or("TCP") == "TCP";
+            if let (true, Some(port)) = (tcp, p.port.and_then(|n| u16::try_from(n).ok()).filter(|n| *n != 0)) {
+                target_ports.entry(p.name.clone().unwrap_or_default()).or_insert(port);
+            }
+        }
+        for e in slice.endpoints.iter().flatten() {
+            if e.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                continue;
+            }
+            for a in &e.addresses {
+                let Some(w) = a.parse::<IpAddr>().ok().and_then(|ip| workloads.get(&ip)) else {
+                    tracing::trace!(address = %a, "endpoint address is not a known pod; skipped");
+                    continue;
+                };
+                selected.entry((w.namespace.clone(), w.name.clone())).or_insert_with(|| w.clone());
+            }
+        }
+    }
+    Endpoints::Resolved { workloads: selected.into_values().collect(), target_ports }
+}
+
+/// Parses each policy on its own (a malformed one is left out with its field) and compiles them.
+fn policies(
+    inputs: &Inputs,
+    opts: &KubeOptions,
+    problems: &mut Problems,
+    fingerprint: &mut Option<u64>,
+) -> Policies {
+    let authz: Vec<AuthorizationPolicy> = typed_all(&inputs.authz, "AuthorizationPolicy", problems);
+    let peer: Vec<PeerAuthentication> = typed_all(&inputs.peer, "PeerAuthentication", problems);
+
+    let mut h = DefaultHasher::new();
+    for o in inputs.authz.iter().chain(&inputs.peer) {
+        (ns_of(&o.metadata), name_of(&o.metadata), &o.metadata.resource_version).hash(&mut h);
+    }
+    opts.root_namespace.hash(&mut h);
+    let now = h.finish();
+    let unchanged = *fingerprint == Some(now);
+    *fingerprint = Some(now);
+    let compile = || Policies::compile(&authz, &peer, &opts.root_namespace);
+    let (policies, errors) = if unchanged {
+        tracing::dispatcher::with_default(&tracing::Dispatch::none(), compile)
+    } else {
+        compile()
+    };
+    for e in errors {
+        problems.add(&format!("{} {}/{}", e.kind, e.namespace, e.name), &e.field, &e.reason);
+    }
+    policies
+}
+
+fn typed_all<T: DeserializeOwned>(objects: &[Arc<DynamicObject>], kind: &str, problems: &mut Problems) -> Vec<T> {
+    let mut sorted: Vec<&DynamicObject> = objects.iter().map(Arc::as_ref).collect();
+    sorted.sort_by(|a, b| (ns_of(&a.metadata), name_of(&a.metadata)).cmp(&(ns_of(&b.metadata), name_of(&b.metadata))));
+    sorted
+        .into_iter()
+        .filter_map(|o| match typed(o) {
+            Ok(t) => Some(t),
+            Err((field, reason)) => {
+                problems.add(&describe(kind, &o.metadata, true), &field, &reason);
+                None
+            }
+        })
+        .collect()
+}
+
+/// One untyped object → its Rust type, errors naming the field (`spec.rules[0].from`).
+fn typed<T: DeserializeOwned>(o: &DynamicObject) -> Result<T, (String, String)> {
+    let value = serde_json::to_value(o).map_err(|e| (".".to_owned(), e.to_string()))?;
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        (path, e.into_inner().to_string())
+    })
+}

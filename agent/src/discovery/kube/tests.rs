@@ -1,0 +1,241 @@
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{DynamicObject, PartialObjectMeta};
+use serde::Deserialize;
+
+use super::build::{Builder, Inputs};
+use super::*;
+use crate::discovery::file::{self, FileOptions};
+use crate::policy::{Connection, Decision};
+
+fn opts() -> KubeOptions {
+    KubeOptions { trust_domain: "cluster.local".into(), node_name: "node-a".into(), root_namespace: "istio-system".into() }
+}
+
+/// The objects of a multi-document YAML as the reflectors would hold them (trimmed).
+fn inputs(yaml: &str) -> Inputs {
+    let mut i = Inputs::default();
+    for de in serde_yaml_ng::Deserializer::from_str(yaml) {
+        let v = serde_json::Value::deserialize(de).unwrap();
+        if v.is_null() {
+            continue;
+        }
+        match v["kind"].as_str().unwrap() {
+            "Namespace" => {
+                let mut n: PartialObjectMeta<Namespace> = serde_json::from_value(v).unwrap();
+                trim::namespace(&mut n);
+                i.namespaces.insert(n.metadata.name.clone().unwrap(), n.metadata.labels.clone().unwrap_or_default());
+            }
+            "Pod" => {
+                let mut p: Pod = serde_json::from_value(v).unwrap();
+                trim::pod(&mut p);
+                i.pods.push(Arc::new(p));
+            }
+            "Service" => {
+                let mut s: Service = serde_json::from_value(v).unwrap();
+                trim::service(&mut s);
+                i.services.push(Arc::new(s));
+            }
+            "EndpointSlice" => {
+                let mut s: EndpointSlice = serde_json::from_value(v).unwrap();
+                trim::endpoint_slice(&mut s);
+                i.slices.push(Arc::new(s));
+            }
+            "AuthorizationPolicy" | "PeerAuthentication" => {
+                let peer = v["kind"] == "PeerAuthentication";
+                let mut o: DynamicObject = serde_json::from_value(v).unwrap();
+                trim::dynamic(&mut o);
+                if peer { i.peer.push(Arc::new(o)) } else { i.authz.push(Arc::new(o)) }
+            }
+            "ServiceAccount" => {}
+            k => panic!("unexpected kind {k}"),
+        }
+    }
+    i
+}
+
+const MESH: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: curl, namespace: demo}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: demo, labels: {app: curl}}
+spec: {serviceAccountName: curl, nodeName: node-a, containers: [{name: c, image: x}]}
+status: {podIP: 10.10.1.2, podIPs: [{ip: 10.10.1.2}, {ip: "fd00::2"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: legacy, namespace: demo, labels: {app: legacy, istio.io/dataplane-mode: none}}
+spec: {nodeName: node-a, containers: [{name: c, image: x}]}
+status: {podIP: 10.10.1.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: demo, labels: {app: web}}
+spec: {nodeName: node-b, containers: [{name: c, image: x, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 10.10.1.4}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: outside, namespace: plain}
+spec: {nodeName: node-a, containers: [{name: c, image: x}]}
+status: {podIP: 10.10.2.2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: http}, {name: raw, port: 90, targetPort: 9090}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: only-curl, namespace: demo}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/curl]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: demo}
+spec: {mtls: {mode: STRICT}}
+"#;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn authorize(state: &State, principal: &str, dest: &str, port: u16) -> Decision {
+    let w = state.workload_by_ip(ip(dest)).expect("destination is a workload");
+    state.policies.authorize(&Connection {
+        source_principal: Some(principal),
+        source_namespace: None,
+        source_ip: ip("10.10.1.2"),
+        dest_ip: ip(dest),
+        dest_port: port,
+        dest_namespace: &w.namespace,
+        dest_labels: &w.labels,
+    })
+}
+
+#[test]
+fn same_objects_give_the_file_sources_state() {
+    let from_file = file::parse(
+        MESH,
+        "mesh.yaml",
+        &FileOptions { trust_domain: "cluster.local".into(), node_name: "node-a".into(), root_namespace: "istio-system".into() },
+    )
+    .expect("the file source accepts the mesh");
+    let from_kube = Builder::new(opts()).build_from(&inputs(MESH));
+
+    let sorted = |s: &State| s.workloads_by_ip.iter().map(|(ip, w)| (*ip, (**w).clone())).collect::<BTreeMap<_, _>>();
+    assert_eq!(sorted(&from_kube), sorted(&from_file));
+    let services = |s: &State| s.services_by_vip.iter().map(|(ip, v)| (*ip, (**v).clone())).collect::<BTreeMap<_, _>>();
+    assert_eq!(services(&from_kube), services(&from_file));
+    assert_eq!(from_kube.namespaces, from_file.namespaces);
+    assert_eq!(from_kube.policies.authorization_policy_count(), from_file.policies.authorization_policy_count());
+    assert_eq!(from_kube.policies.peer_authentication_count(), from_file.policies.peer_authentication_count());
+
+    let local: Vec<String> = from_kube.workloads_by_ip.values().filter(|w| w.captured && w.node.as_deref() == Some("node-a")).map(|w| w.name.clone()).collect();
+    assert!(local.iter().all(|n| n == "client"), "only the ambient, not-opted-out pod is captured: {local:?}");
+    assert!(from_kube.workloads_by_ip.values().all(|w| w.netns.is_none()), "the CNI plugin supplies netns in a cluster");
+    let web = from_kube.service_by_vip(ip("10.96.0.10")).unwrap();
+    assert_eq!(web.target_port(80), Some(8080), "named target port resolved via the selected pod");
+    assert_eq!(authorize(&from_kube, "cluster.local/ns/demo/sa/curl", "10.10.1.4", 8080), Decision::Allow);
+    assert!(matches!(authorize(&from_kube, "cluster.local/ns/demo/sa/other", "10.10.1.4", 8080), Decision::Deny { .. }));
+}
+
+const SLICES: &str = r#"
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-abc, namespace: demo, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8081}, {name: raw, port: 9091}]
+endpoints:
+- {addresses: [10.10.1.2], conditions: {ready: true}}
+- {addresses: [10.10.1.4], conditions: {ready: false}}
+- {addresses: [10.99.9.9]}
+"#;
+
+#[test]
+fn endpoint_slices_win_over_the_selector() {
+    let state = Builder::new(opts()).build_from(&inputs(&format!("{MESH}{SLICES}")));
+    let web = state.service_by_vip(ip("10.96.0.10")).unwrap();
+    let names: Vec<&str> = web.endpoints.iter().map(|w| w.name.as_str()).collect();
+    assert_eq!(names, ["client"], "ready endpoints of the slice that are known pods, not the selector's");
+    assert_eq!((web.target_port(80), web.target_port(90)), (Some(8081), Some(9091)));
+}
+
+const BAD: &str = r#"
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: typo, namespace: demo}
+spec: {rules: [{from: [{source: {principal: [x]}}]}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: bad-cidr, namespace: demo}
+spec: {action: DENY, rules: [{from: [{source: {ipBlocks: [10.0.0.0/99]}}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pending, namespace: demo}
+spec: {nodeName: node-a, containers: [{name: c, image: x}]}
+status: {phase: Pending}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: host, namespace: demo}
+spec: {nodeName: node-a, hostNetwork: true, containers: [{name: c, image: x}]}
+status: {podIP: 192.168.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: done, namespace: demo}
+spec: {nodeName: node-a, containers: [{name: c, image: x}]}
+status: {phase: Succeeded, podIP: 10.10.1.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: zz-clash, namespace: demo}
+spec: {nodeName: node-a, containers: [{name: c, image: x}]}
+status: {podIP: 10.10.1.4}
+"#;
+
+#[test]
+fn bad_objects_are_left_out_and_the_rest_applies() {
+    let mut builder = Builder::new(opts());
+    let state = builder.build_from(&inputs(&format!("{MESH}{BAD}")));
+    assert_eq!(state.policies.authorization_policy_count(), 1, "only the valid policy is enforced");
+    assert_eq!(authorize(&state, "cluster.local/ns/demo/sa/curl", "10.10.1.4", 8080), Decision::Allow);
+    for gone in ["192.168.0.1"] {
+        assert!(state.workload_by_ip(ip(gone)).is_none(), "host-network pods are not workloads");
+    }
+    assert_eq!(state.workload_by_ip(ip("10.10.1.2")).unwrap().name, "client", "finished pods do not claim IPs");
+    assert_eq!(state.workload_by_ip(ip("10.10.1.4")).unwrap().name, "web-1", "the first pod by name keeps a clashing IP");
+    assert!(state.workloads_by_ip.values().all(|w| w.name != "pending"));
+    let mut problems: Vec<&String> = builder.problems().iter().collect();
+    problems.sort();
+    assert_eq!(problems.len(), 3, "{problems:#?}");
+    assert!(problems[0].starts_with("AuthorizationPolicy demo/bad-cidr: spec.rules[0].from[0].source.ipBlocks[0]: "), "{}", problems[0]);
+    assert!(problems[1].starts_with("AuthorizationPolicy demo/typo: spec.rules[0].from[0].source"), "{}", problems[1]);
+    assert!(problems[1].contains("principal"), "{}", problems[1]);
+    assert!(problems[2].starts_with("Pod demo/zz-clash: status.podIP: 10.10.1.4 is already the IP of Pod demo/web-1"), "{}", problems[2]);
+}
