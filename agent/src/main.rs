@@ -19,6 +19,9 @@ struct Cli {
 enum Command {
     /// The per-node agent: eBPF redirect, in-pod listeners, HBONE mTLS tunnel, L4 policy.
     Node(NodeArgs),
+    /// The mesh certificate authority: Istio's IstioCertificateService on 15012, callers
+    /// authenticated by TokenReview, node agents limited to the pods of their own node.
+    Ca(weft::ca_server::CaArgs),
     /// Detaches weft's eBPF programs and removes their pins: enrolled pods stop being redirected
     /// (and stop failing closed). Run it after removing the agent for good.
     Uninstall {
@@ -38,6 +41,40 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+fn runtime(worker_threads: usize) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if worker_threads > 0 {
+        rt.worker_threads(worker_threads);
+    }
+    rt.enable_all().build().map_err(|e| {
+        eprintln!("weft: cannot start the runtime: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+async fn run_ca(config: weft::ca_server::CaConfig) -> Result<(), String> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("no Kubernetes API access (in-cluster config or KUBECONFIG): {e}"))?;
+    let shutdown = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    };
+    let opts = weft::ca_server::CaOptions { config: Arc::new(config), listener, client };
+    weft::ca_server::run(opts, shutdown).await.map_err(|e| e.to_string())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -51,6 +88,28 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Ca(args) => {
+            let config = match weft::ca_server::CaConfig::from_args(args) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("weft ca: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logging(config.log_format);
+            let rt = match runtime(0) {
+                Ok(rt) => rt,
+                Err(code) => return code,
+            };
+            match rt.block_on(run_ca(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "weft ca failed");
+                    eprintln!("weft ca: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Node(args) => {
             let config = match Config::from_node_args(args) {
                 Ok(c) => Arc::new(c),
@@ -60,16 +119,9 @@ fn main() -> ExitCode {
                 }
             };
             init_logging(config.log_format);
-            let mut rt = tokio::runtime::Builder::new_multi_thread();
-            if config.worker_threads > 0 {
-                rt.worker_threads(config.worker_threads);
-            }
-            let rt = match rt.enable_all().build() {
+            let rt = match runtime(config.worker_threads) {
                 Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("weft node: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+                Err(code) => return code,
             };
             match rt.block_on(weft::app::run_node(config)) {
                 Ok(()) => ExitCode::SUCCESS,

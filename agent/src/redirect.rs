@@ -182,6 +182,7 @@ impl Redirect {
             sources: Mutex::new(Some(Sources { logger, events })),
             counters,
         };
+        sys::trim_heap();
         tracing::info!(pin_dir = %opts.pin_dir.display(), cgroup = %opts.cgroup.display(), enrolled = redirect.enrolled()?.len(), "eBPF redirect loaded");
         Ok(redirect)
     }
