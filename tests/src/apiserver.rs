@@ -70,7 +70,12 @@ pub const API_AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local";
 
 impl TokenUser {
     /// A projected ServiceAccount token of a pod on a node, as the API server describes one.
-    pub fn service_account(namespace: &str, sa: &str, pod: Option<(&str, &str)>, node: Option<(&str, &str)>) -> TokenUser {
+    pub fn service_account(
+        namespace: &str,
+        sa: &str,
+        pod: Option<(&str, &str)>,
+        node: Option<(&str, &str)>,
+    ) -> TokenUser {
         let mut extra = BTreeMap::new();
         if let Some((name, uid)) = pod {
             extra.insert("authentication.kubernetes.io/pod-name".to_owned(), vec![name.to_owned()]);
@@ -159,7 +164,9 @@ impl ApiServer {
         });
         let server = ApiServer { inner, running: Mutex::new(None) };
         for ns in INITIAL_NAMESPACES {
-            server.put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})).expect("fresh store");
+            server
+                .put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))
+                .expect("fresh store");
         }
         server.serve(listener);
         Ok(server)
@@ -291,7 +298,13 @@ impl ApiServer {
     }
 
     /// Deletes an object as the test's hand (works while stopped).
-    pub fn remove(&self, api_version: &str, kind: &str, namespace: Option<&str>, name: &str) -> Result<Value, ApiError> {
+    pub fn remove(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<Value, ApiError> {
         let (rt, _) = resources::by_kind(api_version, kind)
             .ok_or_else(|| ApiError::bad_request(format!("no kind {kind:?} in {api_version:?}")))?;
         let mut s = self.inner.store();

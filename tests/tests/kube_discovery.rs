@@ -44,7 +44,14 @@ fn seed(server: &ApiServer) {
         ns("demo", true),
         ns("plain", false),
         pod("demo", "client", NODE, "10.10.1.2", "curl", json!({"app": "curl"})),
-        pod("demo", "legacy", NODE, "10.10.1.3", "default", json!({"app": "legacy", "istio.io/dataplane-mode": "none"})),
+        pod(
+            "demo",
+            "legacy",
+            NODE,
+            "10.10.1.3",
+            "default",
+            json!({"app": "legacy", "istio.io/dataplane-mode": "none"}),
+        ),
         pod("demo", "web-1", "node-b", "10.10.1.4", "web", json!({"app": "web"})),
         pod("demo", "web-2", "node-b", "10.10.1.5", "web", json!({"app": "web"})),
         pod("plain", "outside", NODE, "10.10.2.2", "default", json!({"app": "outside"})),
@@ -58,7 +65,10 @@ fn seed(server: &ApiServer) {
             "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
             "endpoints": [{"addresses": ["10.10.1.4"], "conditions": {"ready": true}}, {"addresses": ["10.10.1.5"], "conditions": {"ready": false}}],
         }),
-        ap("only-curl", json!({"selector": {"matchLabels": {"app": "web"}}, "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/demo/sa/curl"]}}]}]})),
+        ap(
+            "only-curl",
+            json!({"selector": {"matchLabels": {"app": "web"}}, "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/demo/sa/curl"]}}]}]}),
+        ),
     ] {
         server.put(obj).expect("seed object");
     }
@@ -85,12 +95,19 @@ async fn fixture() -> Fixture {
     let store = Arc::new(StateStore::new(State::default()));
     let (synced_tx, mut synced) = watch::channel(false);
     let (stop, stopped) = oneshot::channel::<()>();
-    let opts = KubeOptions { trust_domain: "cluster.local".into(), node_name: NODE.into(), root_namespace: "istio-system".into() };
+    let opts = KubeOptions {
+        trust_domain: "cluster.local".into(),
+        node_name: NODE.into(),
+        root_namespace: "istio-system".into(),
+    };
     let task = tokio::spawn(run(client.clone(), opts, store.clone(), synced_tx, async {
         let _ = stopped.await;
     }));
     assert!(!*synced.borrow(), "not synced before the first lists");
-    tokio::time::timeout(Duration::from_secs(5), synced.wait_for(|s| *s)).await.expect("initial sync within 5 s").unwrap();
+    tokio::time::timeout(Duration::from_secs(5), synced.wait_for(|s| *s))
+        .await
+        .expect("initial sync within 5 s")
+        .unwrap();
     Fixture { server, client, store, _stop: stop, task }
 }
 
@@ -158,10 +175,16 @@ async fn namespace_label_enrolls_and_unenrolls_its_pods() {
     let namespaces: Api<Namespace> = Api::all(f.client.clone());
     let label = |v: Value| Patch::Merge(json!({"metadata": {"labels": {"istio.io/dataplane-mode": v}}}));
     namespaces.patch("plain", &PatchParams::default(), &label(json!("ambient"))).await.unwrap();
-    let took = eventually(&f.store, Duration::from_secs(1), "labelled namespace captures its pods", |s| captured(s, "10.10.2.2") == Some(true)).await;
+    let took = eventually(&f.store, Duration::from_secs(1), "labelled namespace captures its pods", |s| {
+        captured(s, "10.10.2.2") == Some(true)
+    })
+    .await;
     eprintln!("labelled → captured in {took:?}");
     namespaces.patch("plain", &PatchParams::default(), &label(Value::Null)).await.unwrap();
-    eventually(&f.store, Duration::from_secs(1), "unlabelled namespace releases its pods", |s| captured(s, "10.10.2.2") == Some(false)).await;
+    eventually(&f.store, Duration::from_secs(1), "unlabelled namespace releases its pods", |s| {
+        captured(s, "10.10.2.2") == Some(false)
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -180,12 +203,25 @@ async fn authorization_policy_changes_apply_within_a_second() {
     .await;
     eprintln!("created → enforced in {took:?}");
 
-    let other = json!({"spec": {"rules": [{"from": [{"source": {"principals": ["cluster.local/ns/demo/sa/other"]}}]}]}});
+    let other =
+        json!({"spec": {"rules": [{"from": [{"source": {"principals": ["cluster.local/ns/demo/sa/other"]}}]}]}});
     aps.patch("deny-curl", &PatchParams::default(), &Patch::Merge(other)).await.unwrap();
-    eventually(&f.store, Duration::from_secs(1), "changed DENY policy enforced", |s| authorize(s, CURL) == Decision::Allow).await;
+    eventually(&f.store, Duration::from_secs(1), "changed DENY policy enforced", |s| {
+        authorize(s, CURL) == Decision::Allow
+    })
+    .await;
 
-    aps.patch("only-curl", &PatchParams::default(), &Patch::Merge(json!({"spec": {"rules": [{"from": [{"source": {"namespaces": ["nope"]}}]}]}}))).await.unwrap();
-    eventually(&f.store, Duration::from_secs(1), "narrowed ALLOW policy enforced", |s| matches!(authorize(s, CURL), Decision::Deny { .. })).await;
+    aps.patch(
+        "only-curl",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"rules": [{"from": [{"source": {"namespaces": ["nope"]}}]}]}})),
+    )
+    .await
+    .unwrap();
+    eventually(&f.store, Duration::from_secs(1), "narrowed ALLOW policy enforced", |s| {
+        matches!(authorize(s, CURL), Decision::Deny { .. })
+    })
+    .await;
     aps.delete("only-curl", &DeleteParams::default()).await.unwrap();
     aps.delete("deny-curl", &DeleteParams::default()).await.unwrap();
     eventually(&f.store, Duration::from_secs(1), "deleted policies no longer enforced", |s| {
@@ -199,7 +235,8 @@ async fn authorization_policy_changes_apply_within_a_second() {
     f.server.put(bad).unwrap();
     f.server.put(good).unwrap();
     eventually(&f.store, Duration::from_secs(1), "valid policy applies beside an invalid one", |s| {
-        s.policies.authorization_policy_count() == 1 && authorize(s, CURL) == Decision::Deny { policy: "demo/good".into() }
+        s.policies.authorization_policy_count() == 1
+            && authorize(s, CURL) == Decision::Deny { policy: "demo/good".into() }
     })
     .await;
 }
@@ -219,7 +256,10 @@ async fn api_server_outage_keeps_the_last_state_and_resyncs() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     f.server.start().await.unwrap();
-    let took = eventually(&f.store, Duration::from_secs(12), "change made during the outage picked up", |s| captured(s, "10.10.2.2") == Some(true)).await;
+    let took = eventually(&f.store, Duration::from_secs(12), "change made during the outage picked up", |s| {
+        captured(s, "10.10.2.2") == Some(true)
+    })
+    .await;
     eprintln!("restarted → resynced in {took:?} (kube default backoff)");
     assert_eq!(captured(&f.store.load(), "10.10.1.2"), Some(true));
 }

@@ -95,9 +95,7 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<kube::Client, KubeError
         Some(path) => {
             let err = |source| KubeError::Kubeconfig { path: path.display().to_string(), source };
             let kc = kube::config::Kubeconfig::read_from(path).map_err(err)?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .map_err(err)?
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await.map_err(err)?
         }
         None => kube::Config::infer().await?,
     };
@@ -196,14 +194,7 @@ fn start(client: kube::Client) -> (Stores, SelectAll<BoxStream<'static, (Kind, O
     let peer_ar = ApiResource::erase::<crate::crd::PeerAuthentication>(&());
     let authz_w = reflector::store::Writer::new(authz_ar.clone());
     let peer_w = reflector::store::Writer::new(peer_ar.clone());
-    let stores = Stores {
-        pods,
-        namespaces,
-        services,
-        slices,
-        authz: authz_w.as_reader(),
-        peer: peer_w.as_reader(),
-    };
+    let stores = Stores { pods, namespaces, services, slices, authz: authz_w.as_reader(), peer: peer_w.as_reader() };
     let streams = futures::stream::select_all([
         reflect(Kind::Pods, Api::all(client.clone()), pods_w, trim::pod),
         reflect(Kind::Namespaces, Api::all(client.clone()), namespaces_w, trim::namespace),

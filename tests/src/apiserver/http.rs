@@ -61,7 +61,10 @@ fn error(e: &ApiError) -> Response<Body> {
 }
 
 fn text(s: &'static str) -> Response<Body> {
-    Response::builder().header(header::CONTENT_TYPE, "text/plain").body(Full::new(Bytes::from(s)).boxed()).expect("valid")
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(Full::new(Bytes::from(s)).boxed())
+        .expect("valid")
 }
 
 /// Where a request points, once its path is parsed.
@@ -104,7 +107,9 @@ fn route(inner: &Inner, path: &str) -> Result<Route, ApiError> {
     let (namespace, plural, name, sub): (Option<&str>, &str, Option<&str>, Option<&str>) = match rest {
         // The namespace object itself and its subresources.
         ["namespaces", name] if group.is_empty() => (None, "namespaces", Some(*name), None),
-        ["namespaces", name, sub @ ("status" | "finalize")] if group.is_empty() => (None, "namespaces", Some(*name), Some(*sub)),
+        ["namespaces", name, sub @ ("status" | "finalize")] if group.is_empty() => {
+            (None, "namespaces", Some(*name), Some(*sub))
+        }
         ["namespaces", ns, plural] => (Some(*ns), *plural, None, None),
         ["namespaces", ns, plural, name] => (Some(*ns), *plural, Some(*name), None),
         ["namespaces", ns, plural, name, sub] => (Some(*ns), *plural, Some(*name), Some(*sub)),
@@ -140,8 +145,10 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Response<Bo
     let query: HashMap<String, String> =
         form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes()).into_owned().collect();
     inner.log_request(format!("{} {}", parts.method, parts.uri));
-    let header_str = |h: header::HeaderName| parts.headers.get(h).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-    let (content_type, accept, agent) = (header_str(header::CONTENT_TYPE), header_str(header::ACCEPT), header_str(header::USER_AGENT));
+    let header_str =
+        |h: header::HeaderName| parts.headers.get(h).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    let (content_type, accept, agent) =
+        (header_str(header::CONTENT_TYPE), header_str(header::ACCEPT), header_str(header::USER_AGENT));
     let body = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return Ok(error(&ApiError::new(413, "RequestEntityTooLarge", "request body too large"))),
@@ -150,7 +157,13 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Response<Bo
         Ok(Route::Doc(doc)) if parts.method == Method::GET => return Ok(full(StatusCode::OK, &doc)),
         Ok(Route::Text(t)) => return Ok(text(t)),
         Ok(Route::Resource(t)) => t,
-        Ok(Route::Doc(_)) => return Ok(error(&ApiError::new(405, "MethodNotAllowed", "the server does not allow this method on the requested resource"))),
+        Ok(Route::Doc(_)) => {
+            return Ok(error(&ApiError::new(
+                405,
+                "MethodNotAllowed",
+                "the server does not allow this method on the requested resource",
+            )));
+        }
         Err(e) => return Ok(error(&e)),
     };
     let req = Req { inner: &inner, query, content_type, accept, agent, body };
@@ -212,7 +225,11 @@ fn dispatch(r: &Req<'_>, method: &Method, t: &Target) -> Result<Reply, ApiError>
     if rt.create_only {
         return match (method, &t.name) {
             (&Method::POST, None) => token_review(r, t).map(|v| Reply::Full(StatusCode::CREATED, v)),
-            _ => Err(ApiError::new(405, "MethodNotAllowed", format!("the server does not allow this method on the requested resource ({})", rt.plural))),
+            _ => Err(ApiError::new(
+                405,
+                "MethodNotAllowed",
+                format!("the server does not allow this method on the requested resource ({})", rt.plural),
+            )),
         };
     }
     let ns = t.namespace.as_deref().unwrap_or("");
@@ -232,14 +249,20 @@ fn dispatch(r: &Req<'_>, method: &Method, t: &Target) -> Result<Reply, ApiError>
             Ok(Reply::Full(StatusCode::CREATED, serve(&v)))
         }
         (&Method::PUT, Some(name)) => {
-            let o = WriteOpts { version: &t.version, manager: &r.manager(false), subresource: t.subresource.as_deref(), dry_run };
+            let o = WriteOpts {
+                version: &t.version,
+                manager: &r.manager(false),
+                subresource: t.subresource.as_deref(),
+                dry_run,
+            };
             let v = ops::update(&mut r.inner.store(), rt, ns, name, r.body_value()?, &o)?;
             Ok(Reply::Full(StatusCode::OK, serve(&v)))
         }
         (&Method::PATCH, Some(name)) => {
             let apply = r.content_type.starts_with("application/apply-patch");
             let manager = r.manager(apply);
-            let o = WriteOpts { version: &t.version, manager: &manager, subresource: t.subresource.as_deref(), dry_run };
+            let o =
+                WriteOpts { version: &t.version, manager: &manager, subresource: t.subresource.as_deref(), dry_run };
             let mut store = r.inner.store();
             let existed = store.get(&key_of(rt, ns, name)).is_some();
             let v = ops::patch(&mut store, rt, ns, name, &r.content_type, r.body_value()?, r.flag("force"), &o)?;
@@ -263,9 +286,16 @@ fn dispatch(r: &Req<'_>, method: &Method, t: &Target) -> Result<Reply, ApiError>
                 }
             }
             let rv = store.resource_version().to_string();
-            Ok(Reply::Full(StatusCode::OK, json!({"kind": format!("{}List", rt.kind), "apiVersion": rt.api_version(&t.version), "metadata": {"resourceVersion": rv}, "items": deleted})))
+            Ok(Reply::Full(
+                StatusCode::OK,
+                json!({"kind": format!("{}List", rt.kind), "apiVersion": rt.api_version(&t.version), "metadata": {"resourceVersion": rv}, "items": deleted}),
+            ))
         }
-        _ => Err(ApiError::new(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")),
+        _ => Err(ApiError::new(
+            405,
+            "MethodNotAllowed",
+            "the server does not allow this method on the requested resource",
+        )),
     }
 }
 
@@ -369,11 +399,18 @@ fn watch_spec(r: &Req<'_>, t: &Target) -> Result<WatchSpec, ApiError> {
     let (labels, fields) = selectors(r, t.rt)?;
     let from = match r.q("resourceVersion").filter(|v| !v.is_empty() && *v != "0") {
         None => None,
-        Some(v) => Some(v.parse::<u64>().map_err(|_| ApiError::bad_request(format!("invalid resource version: {v:?}")))?),
+        Some(v) => {
+            Some(v.parse::<u64>().map_err(|_| ApiError::bad_request(format!("invalid resource version: {v:?}")))?)
+        }
     };
     let send_initial = r.flag("sendInitialEvents");
     if send_initial && r.q("resourceVersionMatch") != Some("NotOlderThan") {
-        return Err(ApiError::invalid(t.rt, "", "resourceVersionMatch", "sendInitialEvents requires resourceVersionMatch=NotOlderThan"));
+        return Err(ApiError::invalid(
+            t.rt,
+            "",
+            "resourceVersionMatch",
+            "sendInitialEvents requires resourceVersionMatch=NotOlderThan",
+        ));
     }
     Ok(WatchSpec {
         rt: t.rt,
@@ -430,7 +467,8 @@ impl Watch {
     /// What a change looks like through this watch's selectors, as the watch cache sends it.
     fn translate(&self, c: &Change) -> Option<Bytes> {
         let s = &self.spec;
-        if c.group != s.rt.group || c.type_kind != s.rt.kind || s.namespace.as_ref().is_some_and(|n| *n != c.namespace) {
+        if c.group != s.rt.group || c.type_kind != s.rt.kind || s.namespace.as_ref().is_some_and(|n| *n != c.namespace)
+        {
             return None;
         }
         let now = self.matches(&c.object);
@@ -530,7 +568,8 @@ fn watch_response(inner: Arc<Inner>, spec: WatchSpec) -> Response<Body> {
                 w.pos = store.resource_version();
                 for obj in store.list(w.spec.rt, w.spec.namespace.as_deref()) {
                     if w.matches(&obj) {
-                        w.queue.push_back(event_line("ADDED", &out(w.spec.rt, &w.spec.version, &obj, w.spec.meta_only)));
+                        w.queue
+                            .push_back(event_line("ADDED", &out(w.spec.rt, &w.spec.version, &obj, w.spec.meta_only)));
                     }
                 }
             }

@@ -82,10 +82,11 @@ fn check_namespace(store: &Store, rt: &ResourceType, namespace: &str, obj: &mut 
 /// What the API server fills in on create: defaults of the types the tests use, and a cleared
 /// status where a status subresource owns it (kubelets and controllers write it later).
 fn defaults_on_create(store: &mut Store, rt: &ResourceType, obj: &mut Value, keep_status: bool) {
-    if rt.status && !keep_status {
-        if let Some(m) = obj.as_object_mut() {
-            m.remove("status");
-        }
+    if rt.status
+        && !keep_status
+        && let Some(m) = obj.as_object_mut()
+    {
+        m.remove("status");
     }
     match (rt.group, rt.kind) {
         ("", "Namespace") => obj["status"] = json!({"phase": "Active"}),
@@ -163,7 +164,14 @@ pub fn create(
                 let suffix = store.new_uid().replace('-', "");
                 obj["metadata"]["name"] = json!(format!("{prefix}{}", &suffix[suffix.len() - 5..]));
             }
-            _ => return Err(ApiError::invalid(rt, "", "metadata.name", "Required value: name or generateName is required")),
+            _ => {
+                return Err(ApiError::invalid(
+                    rt,
+                    "",
+                    "metadata.name",
+                    "Required value: name or generateName is required",
+                ));
+            }
         }
     }
     let name = name_of(&obj).to_owned();
@@ -320,7 +328,8 @@ pub fn patch(
         let time = now_rfc3339();
         let api_version = rt.api_version(o.version);
         let w = writer(o, &time, &api_version);
-        let next = patch::apply(current.as_deref(), &applied, &w, force, status_only, rt.status).map_err(|c| conflict(rt, name, &c))?;
+        let next = patch::apply(current.as_deref(), &applied, &w, force, status_only, rt.status)
+            .map_err(|c| conflict(rt, name, &c))?;
         return match current {
             None => {
                 let mut fresh = next;
@@ -356,7 +365,13 @@ pub fn patch(
     {
         patch::merge_patch(&mut next, &body);
     } else {
-        return Err(ApiError::new(415, "UnsupportedMediaType", format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml; got {content_type:?}")));
+        return Err(ApiError::new(
+            415,
+            "UnsupportedMediaType",
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml; got {content_type:?}"
+            ),
+        ));
     }
     // A resourceVersion in the patch is a precondition; otherwise the patch applies to the latest.
     if body["metadata"]["resourceVersion"].is_null() {
@@ -387,7 +402,12 @@ fn conflict(rt: &ResourceType, name: &str, conflicts: &[Conflict]) -> ApiError {
         ..ApiError::new(
             409,
             "Conflict",
-            format!("Apply failed with {} conflict{}: {}", conflicts.len(), if conflicts.len() == 1 { "" } else { "s" }, list.join(", ")),
+            format!(
+                "Apply failed with {} conflict{}: {}",
+                conflicts.len(),
+                if conflicts.len() == 1 { "" } else { "s" },
+                list.join(", ")
+            ),
         )
     }
 }

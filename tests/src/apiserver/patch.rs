@@ -307,9 +307,9 @@ pub struct Writer<'a> {
 }
 
 fn entry<'m>(managed: &'m mut Vec<Managed>, w: &Writer<'_>, operation: &str) -> &'m mut Managed {
-    let pos = managed.iter().position(|m| {
-        m.manager == w.manager && m.operation == operation && m.subresource.as_deref() == w.subresource
-    });
+    let pos = managed
+        .iter()
+        .position(|m| m.manager == w.manager && m.operation == operation && m.subresource.as_deref() == w.subresource);
     let i = pos.unwrap_or_else(|| {
         managed.push(Managed {
             manager: w.manager.to_owned(),
@@ -392,9 +392,8 @@ pub fn apply(
         .map(|m| m.fields.clone())
         .unwrap_or_default();
     for p in before.difference(&fields) {
-        let owned_elsewhere = managed.iter().any(|m| {
-            !(m.manager == w.manager && m.operation == "Apply") && m.fields.contains(p)
-        });
+        let owned_elsewhere =
+            managed.iter().any(|m| !(m.manager == w.manager && m.operation == "Apply") && m.fields.contains(p));
         if !owned_elsewhere {
             unset(&mut obj, p);
         }
@@ -442,12 +441,15 @@ mod tests {
         let mut doc = json!({"a": {"b": 1, "c": 2}, "l": [1, 2]});
         merge_patch(&mut doc, &json!({"a": {"b": null, "d": 3}, "l": [9]}));
         assert_eq!(doc, json!({"a": {"c": 2, "d": 3}, "l": [9]}));
-        json_patch(&mut doc, &json!([
-            {"op": "add", "path": "/l/-", "value": 10},
-            {"op": "replace", "path": "/a/c", "value": 5},
-            {"op": "remove", "path": "/a/d"},
-            {"op": "test", "path": "/l/1", "value": 10},
-        ]))
+        json_patch(
+            &mut doc,
+            &json!([
+                {"op": "add", "path": "/l/-", "value": 10},
+                {"op": "replace", "path": "/a/c", "value": 5},
+                {"op": "remove", "path": "/a/d"},
+                {"op": "test", "path": "/l/1", "value": 10},
+            ]),
+        )
         .unwrap();
         assert_eq!(doc, json!({"a": {"c": 5}, "l": [9, 10]}));
         assert!(json_patch(&mut doc, &json!([{"op": "test", "path": "/a/c", "value": 6}])).is_err());

@@ -54,7 +54,11 @@ const ISTIO_SECURITY: &[&str] = &["v1", "v1beta1"];
 const ISTIO_NETWORKING: &[&str] = &["v1", "v1beta1", "v1alpha3"];
 
 pub static TYPES: &[ResourceType] = &[
-    ResourceType { short_names: &["ns"], fields: &["status.phase"], ..rt("", V1, "Namespace", "namespaces", "namespace", false, true) },
+    ResourceType {
+        short_names: &["ns"],
+        fields: &["status.phase"],
+        ..rt("", V1, "Namespace", "namespaces", "namespace", false, true)
+    },
     ResourceType {
         short_names: &["po"],
         fields: &[
@@ -69,8 +73,15 @@ pub static TYPES: &[ResourceType] = &[
         ],
         ..rt("", V1, "Pod", "pods", "pod", true, true)
     },
-    ResourceType { short_names: &["svc"], fields: &["spec.clusterIP", "spec.type"], ..rt("", V1, "Service", "services", "service", true, true) },
-    ResourceType { short_names: &["sa"], ..rt("", V1, "ServiceAccount", "serviceaccounts", "serviceaccount", true, false) },
+    ResourceType {
+        short_names: &["svc"],
+        fields: &["spec.clusterIP", "spec.type"],
+        ..rt("", V1, "Service", "services", "service", true, true)
+    },
+    ResourceType {
+        short_names: &["sa"],
+        ..rt("", V1, "ServiceAccount", "serviceaccounts", "serviceaccount", true, false)
+    },
     ResourceType {
         short_names: &["ev"],
         fields: &[
@@ -90,7 +101,11 @@ pub static TYPES: &[ResourceType] = &[
     },
     ResourceType { fields: &["type"], ..rt("", V1, "Secret", "secrets", "secret", true, false) },
     ResourceType { short_names: &["cm"], ..rt("", V1, "ConfigMap", "configmaps", "configmap", true, false) },
-    ResourceType { short_names: &["no"], fields: &["spec.unschedulable"], ..rt("", V1, "Node", "nodes", "node", false, true) },
+    ResourceType {
+        short_names: &["no"],
+        fields: &["spec.unschedulable"],
+        ..rt("", V1, "Node", "nodes", "node", false, true)
+    },
     rt("discovery.k8s.io", V1, "EndpointSlice", "endpointslices", "endpointslice", true, false),
     ResourceType {
         short_names: &["ev"],
@@ -106,13 +121,58 @@ pub static TYPES: &[ResourceType] = &[
         ],
         ..rt("events.k8s.io", V1, "Event", "events", "event", true, false)
     },
-    ResourceType { create_only: true, ..rt("authentication.k8s.io", V1, "TokenReview", "tokenreviews", "tokenreview", false, false) },
-    ResourceType { short_names: &["ap"], ..rt("security.istio.io", ISTIO_SECURITY, "AuthorizationPolicy", "authorizationpolicies", "authorizationpolicy", true, true) },
-    ResourceType { short_names: &["pa"], ..rt("security.istio.io", ISTIO_SECURITY, "PeerAuthentication", "peerauthentications", "peerauthentication", true, true) },
-    ResourceType { short_names: &["vs"], ..rt("networking.istio.io", ISTIO_NETWORKING, "VirtualService", "virtualservices", "virtualservice", true, true) },
-    ResourceType { short_names: &["dr"], ..rt("networking.istio.io", ISTIO_NETWORKING, "DestinationRule", "destinationrules", "destinationrule", true, true) },
-    ResourceType { short_names: &["gtw"], ..rt("gateway.networking.k8s.io", V1, "Gateway", "gateways", "gateway", true, true) },
-    ResourceType { short_names: &["gc"], ..rt("gateway.networking.k8s.io", V1, "GatewayClass", "gatewayclasses", "gatewayclass", false, true) },
+    ResourceType {
+        create_only: true,
+        ..rt("authentication.k8s.io", V1, "TokenReview", "tokenreviews", "tokenreview", false, false)
+    },
+    ResourceType {
+        short_names: &["ap"],
+        ..rt(
+            "security.istio.io",
+            ISTIO_SECURITY,
+            "AuthorizationPolicy",
+            "authorizationpolicies",
+            "authorizationpolicy",
+            true,
+            true,
+        )
+    },
+    ResourceType {
+        short_names: &["pa"],
+        ..rt(
+            "security.istio.io",
+            ISTIO_SECURITY,
+            "PeerAuthentication",
+            "peerauthentications",
+            "peerauthentication",
+            true,
+            true,
+        )
+    },
+    ResourceType {
+        short_names: &["vs"],
+        ..rt("networking.istio.io", ISTIO_NETWORKING, "VirtualService", "virtualservices", "virtualservice", true, true)
+    },
+    ResourceType {
+        short_names: &["dr"],
+        ..rt(
+            "networking.istio.io",
+            ISTIO_NETWORKING,
+            "DestinationRule",
+            "destinationrules",
+            "destinationrule",
+            true,
+            true,
+        )
+    },
+    ResourceType {
+        short_names: &["gtw"],
+        ..rt("gateway.networking.k8s.io", V1, "Gateway", "gateways", "gateway", true, true)
+    },
+    ResourceType {
+        short_names: &["gc"],
+        ..rt("gateway.networking.k8s.io", V1, "GatewayClass", "gatewayclasses", "gatewayclass", false, true)
+    },
     rt("gateway.networking.k8s.io", V1, "HTTPRoute", "httproutes", "httproute", true, true),
     rt("gateway.networking.k8s.io", V1, "GRPCRoute", "grpcroutes", "grpcroute", true, true),
 ];
@@ -149,10 +209,7 @@ pub fn by_plural(group: &str, version: &str, plural: &str) -> Option<&'static Re
 /// The type an object's `apiVersion` and `kind` name; also returns the version.
 pub fn by_kind(api_version: &str, kind: &str) -> Option<(&'static ResourceType, String)> {
     let (group, version) = split_api_version(api_version);
-    TYPES
-        .iter()
-        .find(|t| t.group == group && t.kind == kind && t.serves(version))
-        .map(|t| (t, version.to_owned()))
+    TYPES.iter().find(|t| t.group == group && t.kind == kind && t.serves(version)).map(|t| (t, version.to_owned()))
 }
 
 /// `security.istio.io/v1` → (`security.istio.io`, `v1`); `v1` → (``, `v1`).

@@ -131,7 +131,12 @@ pub fn now_rfc3339() -> String {
 }
 
 pub fn key_of(rt: &ResourceType, namespace: &str, name: &str) -> Key {
-    (rt.group.to_owned(), rt.kind.to_owned(), if rt.namespaced { namespace.to_owned() } else { String::new() }, name.to_owned())
+    (
+        rt.group.to_owned(),
+        rt.kind.to_owned(),
+        if rt.namespaced { namespace.to_owned() } else { String::new() },
+        name.to_owned(),
+    )
 }
 
 impl Store {
@@ -172,9 +177,7 @@ impl Store {
         let lo = (rt.group.to_owned(), rt.kind.to_owned(), namespace.unwrap_or("").to_owned(), String::new());
         self.objects
             .range(lo..)
-            .take_while(|((g, k, ns, _), _)| {
-                g == rt.group && k == rt.kind && namespace.is_none_or(|n| n == ns)
-            })
+            .take_while(|((g, k, ns, _), _)| g == rt.group && k == rt.kind && namespace.is_none_or(|n| n == ns))
             .map(|(_, v)| v.clone())
             .collect()
     }
@@ -191,7 +194,14 @@ impl Store {
     pub fn new_uid(&mut self) -> String {
         self.uid_counter += 1;
         let seed = std::process::id() as u64 ^ (self as *const Store as u64);
-        format!("{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}", seed as u32, self.rv & 0xffff, self.uid_counter & 0xfff, (seed >> 32) & 0xfff, self.uid_counter)
+        format!(
+            "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+            seed as u32,
+            self.rv & 0xffff,
+            self.uid_counter & 0xfff,
+            (seed >> 32) & 0xfff,
+            self.uid_counter
+        )
     }
 
     /// A ClusterIP from 10.96.0.0/16 (the API server allocates them; nothing else here does).

@@ -30,20 +30,37 @@ async fn kube_discovery_and_typed_crud() {
     let server = ApiServer::start_new().await.unwrap();
     let c = client(&server);
     let discovery = kube::Discovery::new(c.clone()).run().await.expect("discovery");
-    for g in ["", "discovery.k8s.io", "security.istio.io", "networking.istio.io", "gateway.networking.k8s.io", "events.k8s.io"] {
+    for g in [
+        "",
+        "discovery.k8s.io",
+        "security.istio.io",
+        "networking.istio.io",
+        "gateway.networking.k8s.io",
+        "events.k8s.io",
+    ] {
         assert!(discovery.has_group(g), "group {g:?} discovered");
     }
-    let (ar, caps) = discovery.resolve_gvk(&kube::api::GroupVersionKind::gvk("networking.istio.io", "v1alpha3", "VirtualService")).expect("vs");
+    let (ar, caps) = discovery
+        .resolve_gvk(&kube::api::GroupVersionKind::gvk("networking.istio.io", "v1alpha3", "VirtualService"))
+        .expect("vs");
     assert_eq!(ar.plural, "virtualservices");
     assert!(caps.supports_operation(kube::discovery::verbs::WATCH));
     assert_eq!(c.apiserver_version().await.unwrap().minor, "36");
 
     let pods: Api<Pod> = Api::namespaced(c.clone(), "default");
-    let created = pods.create(&PostParams::default(), &serde_json::from_value(pod("a", "n1", json!({"app": "web"}))).unwrap()).await.unwrap();
+    let created = pods
+        .create(&PostParams::default(), &serde_json::from_value(pod("a", "n1", json!({"app": "web"}))).unwrap())
+        .await
+        .unwrap();
     assert_eq!(created.status.unwrap().phase.as_deref(), Some("Pending"), "status is the kubelet's to write");
     assert_eq!(created.spec.unwrap().service_account_name.as_deref(), Some("default"));
-    pods.create(&PostParams::default(), &serde_json::from_value(pod("b", "n2", json!({"app": "db"}))).unwrap()).await.unwrap();
-    let err = pods.create(&PostParams::default(), &serde_json::from_value(pod("a", "n1", json!({}))).unwrap()).await.unwrap_err();
+    pods.create(&PostParams::default(), &serde_json::from_value(pod("b", "n2", json!({"app": "db"}))).unwrap())
+        .await
+        .unwrap();
+    let err = pods
+        .create(&PostParams::default(), &serde_json::from_value(pod("a", "n1", json!({}))).unwrap())
+        .await
+        .unwrap_err();
     assert!(matches!(&err, kube::Error::Api(s) if s.code == 409 && s.reason == "AlreadyExists"), "{err}");
 
     let on_n1 = pods.list(&ListParams::default().fields("spec.nodeName=n1")).await.unwrap();
@@ -62,10 +79,24 @@ async fn kube_discovery_and_typed_crud() {
     assert_eq!(rest.items[0].metadata.name.as_deref(), Some("b"));
 
     // Status subresource: only status changes; the main resource leaves status alone.
-    let st = pods.patch_status("a", &PatchParams::default(), &Patch::Merge(json!({"status": {"podIP": "10.0.0.5", "phase": "Running"}, "spec": {"nodeName": "zzz"}}))).await.unwrap();
+    let st = pods
+        .patch_status(
+            "a",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"podIP": "10.0.0.5", "phase": "Running"}, "spec": {"nodeName": "zzz"}})),
+        )
+        .await
+        .unwrap();
     assert_eq!(st.status.as_ref().unwrap().pod_ip.as_deref(), Some("10.0.0.5"));
     assert_eq!(st.spec.as_ref().unwrap().node_name.as_deref(), Some("n1"));
-    let main = pods.patch("a", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"x": "1"}}, "status": {"podIP": "1.1.1.1"}}))).await.unwrap();
+    let main = pods
+        .patch(
+            "a",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"x": "1"}}, "status": {"podIP": "1.1.1.1"}})),
+        )
+        .await
+        .unwrap();
     assert_eq!(main.status.unwrap().pod_ip.as_deref(), Some("10.0.0.5"));
 
     // Replace with a stale resourceVersion conflicts.
@@ -80,7 +111,10 @@ async fn kube_discovery_and_typed_crud() {
 
     // Objects in a namespace that does not exist are refused, as NamespaceLifecycle does.
     let other: Api<ConfigMap> = Api::namespaced(c.clone(), "nope");
-    let err = other.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "x"}})).unwrap()).await.unwrap_err();
+    let err = other
+        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "x"}})).unwrap())
+        .await
+        .unwrap_err();
     assert!(matches!(&err, kube::Error::Api(s) if s.code == 404), "{err}");
 
     // Metadata-only lists.
@@ -101,7 +135,10 @@ async fn server_side_apply_owns_fields_and_conflicts() {
     let a = cms.patch("cfg", &PatchParams::apply("alice"), &Patch::Apply(cm(json!({"k": "1"})))).await.unwrap();
     assert_eq!(a.metadata.managed_fields.as_ref().unwrap()[0].manager.as_deref(), Some("alice"));
     let err = cms.patch("cfg", &PatchParams::apply("bob"), &Patch::Apply(cm(json!({"k": "2"})))).await.unwrap_err();
-    assert!(matches!(&err, kube::Error::Api(s) if s.code == 409 && s.message.contains("conflict with \"alice\"")), "{err}");
+    assert!(
+        matches!(&err, kube::Error::Api(s) if s.code == 409 && s.message.contains("conflict with \"alice\"")),
+        "{err}"
+    );
     let b = cms.patch("cfg", &PatchParams::apply("bob").force(), &Patch::Apply(cm(json!({"k": "2"})))).await.unwrap();
     assert_eq!(b.data.unwrap()["k"], "2");
     let err = cms.patch("cfg", &PatchParams::default(), &Patch::Apply(cm(json!({})))).await.unwrap_err();
@@ -128,7 +165,11 @@ async fn watches_replay_filter_bookmark_and_expire() {
     server.remove("v1", "Pod", Some("default"), "b").unwrap();
     let mut seen = Vec::new();
     while seen.len() < 4 {
-        let ev = tokio::time::timeout(Duration::from_secs(5), stream.try_next()).await.expect("event in time").unwrap().unwrap();
+        let ev = tokio::time::timeout(Duration::from_secs(5), stream.try_next())
+            .await
+            .expect("event in time")
+            .unwrap()
+            .unwrap();
         match ev {
             WatchEvent::Added(p) => seen.push(format!("ADDED {}", p.metadata.name.unwrap())),
             WatchEvent::Modified(p) => seen.push(format!("MODIFIED {}", p.metadata.name.unwrap())),
@@ -137,11 +178,19 @@ async fn watches_replay_filter_bookmark_and_expire() {
             WatchEvent::Error(e) => panic!("{e:?}"),
         }
     }
-    assert_eq!(seen, ["ADDED b", "DELETED a", "ADDED a", "DELETED b"], "selector transitions as the watch cache sends them");
+    assert_eq!(
+        seen,
+        ["ADDED b", "DELETED a", "ADDED a", "DELETED b"],
+        "selector transitions as the watch cache sends them"
+    );
 
     let wp = WatchParams::default().timeout(5);
     let mut stream = pods.watch(&wp, &server.resource_version().to_string()).await.unwrap().boxed();
-    let ev = tokio::time::timeout(Duration::from_secs(3), stream.try_next()).await.expect("bookmark in time").unwrap().unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(3), stream.try_next())
+        .await
+        .expect("bookmark in time")
+        .unwrap()
+        .unwrap();
     assert!(matches!(ev, WatchEvent::Bookmark(_)), "{ev:?}");
 
     server.compact();
@@ -178,16 +227,26 @@ async fn stop_refuses_and_start_serves_the_same_objects() {
     assert!(tokio::net::TcpStream::connect(server.addr()).await.is_err(), "port refuses while stopped");
     server.put(pod("b", "n1", json!({}))).unwrap();
     server.start().await.unwrap();
-    let names: Vec<String> = pods.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|p| p.metadata.name).collect();
+    let names: Vec<String> =
+        pods.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|p| p.metadata.name).collect();
     assert_eq!(names, ["a", "b"]);
 }
 
 #[tokio::test]
 async fn token_review_reports_registered_tokens() {
     let server = ApiServer::start_new().await.unwrap();
-    server.register_token("good", TokenUser::service_account("weft-system", "weft-node", Some(("weft-node-x", "u1")), Some(("n1", "nu1"))));
-    server.register_token("old", TokenUser { expires: Some(SystemTime::UNIX_EPOCH), ..TokenUser::service_account("a", "b", None, None) });
-    server.register_token("aud", TokenUser { audiences: vec!["weft-ca".into()], ..TokenUser::service_account("a", "b", None, None) });
+    server.register_token(
+        "good",
+        TokenUser::service_account("weft-system", "weft-node", Some(("weft-node-x", "u1")), Some(("n1", "nu1"))),
+    );
+    server.register_token(
+        "old",
+        TokenUser { expires: Some(SystemTime::UNIX_EPOCH), ..TokenUser::service_account("a", "b", None, None) },
+    );
+    server.register_token(
+        "aud",
+        TokenUser { audiences: vec!["weft-ca".into()], ..TokenUser::service_account("a", "b", None, None) },
+    );
     let reviews: Api<TokenReview> = Api::all(client(&server));
     let review = |token: &str, audiences: Option<Vec<String>>| TokenReview {
         spec: TokenReviewSpec { token: token.into(), audiences },
@@ -203,7 +262,12 @@ async fn token_review_reports_registered_tokens() {
         assert_eq!(r.authenticated, Some(false), "{token}");
         assert!(r.error.is_some());
     }
-    let r = reviews.create(&PostParams::default(), &review("aud", Some(vec!["weft-ca".into()]))).await.unwrap().status.unwrap();
+    let r = reviews
+        .create(&PostParams::default(), &review("aud", Some(vec!["weft-ca".into()])))
+        .await
+        .unwrap()
+        .status
+        .unwrap();
     assert_eq!((r.authenticated, r.audiences), (Some(true), Some(vec!["weft-ca".to_owned()])));
 }
 
@@ -215,7 +279,13 @@ async fn events_from_kube_recorder_are_stored() {
     let obj = server.put(pod("a", "n1", json!({}))).unwrap();
     let pod: Pod = serde_json::from_value(obj).unwrap();
     let recorder = Recorder::new(c.clone(), Reporter { controller: "weft".into(), instance: None });
-    let ev = Event { type_: EventType::Warning, reason: "InvalidPolicy".into(), note: Some("spec.rules[0]: bad".into()), action: "Compile".into(), secondary: None };
+    let ev = Event {
+        type_: EventType::Warning,
+        reason: "InvalidPolicy".into(),
+        note: Some("spec.rules[0]: bad".into()),
+        action: "Compile".into(),
+        secondary: None,
+    };
     let oref = kube::Resource::object_ref(&pod, &());
     recorder.publish(&ev, &oref).await.unwrap();
     recorder.publish(&ev, &oref).await.unwrap();

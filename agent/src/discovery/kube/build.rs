@@ -14,9 +14,7 @@ use serde::de::DeserializeOwned;
 
 use super::{KubeOptions, Stores};
 use crate::crd::{AuthorizationPolicy, PeerAuthentication};
-use crate::discovery::file::build::{
-    Endpoints, PodsByNamespace, describe, name_of, ns_of, service, workload,
-};
+use crate::discovery::file::build::{Endpoints, PodsByNamespace, describe, name_of, ns_of, service, workload};
 use crate::policy::Policies;
 use crate::state::{State, Workload};
 
@@ -103,12 +101,7 @@ impl Problems {
     }
 }
 
-fn build(
-    inputs: &Inputs,
-    opts: &KubeOptions,
-    problems: &mut Problems,
-    policy_fingerprint: &mut Option<u64>,
-) -> State {
+fn build(inputs: &Inputs, opts: &KubeOptions, problems: &mut Problems, policy_fingerprint: &mut Option<u64>) -> State {
     let mut pods: Vec<&Pod> = inputs.pods.iter().map(Arc::as_ref).filter(|p| serves_traffic(p)).collect();
     pods.sort_by(|a, b| (ns_of(&a.metadata), name_of(&a.metadata)).cmp(&(ns_of(&b.metadata), name_of(&b.metadata))));
 
@@ -128,7 +121,11 @@ fn build(
         // reused before the API server saw it leave).
         for (field, ip) in ips {
             if let Some(other) = workloads_by_ip.get(&ip) {
-                problems.add(&object, &field, &format!("{ip} is already the IP of Pod {}/{}", other.namespace, other.name));
+                problems.add(
+                    &object,
+                    &field,
+                    &format!("{ip} is already the IP of Pod {}/{}", other.namespace, other.name),
+                );
                 continue;
             }
             workloads_by_ip.insert(ip, w.clone());
@@ -144,7 +141,8 @@ fn build(
     }
 
     let mut services: Vec<&KubeService> = inputs.services.iter().map(Arc::as_ref).collect();
-    services.sort_by(|a, b| (ns_of(&a.metadata), name_of(&a.metadata)).cmp(&(ns_of(&b.metadata), name_of(&b.metadata))));
+    services
+        .sort_by(|a, b| (ns_of(&a.metadata), name_of(&a.metadata)).cmp(&(ns_of(&b.metadata), name_of(&b.metadata))));
     let mut services_by_vip = HashMap::new();
     for svc in services {
         let object = describe("Service", &svc.metadata, true);
@@ -168,7 +166,11 @@ fn build(
             }
             if let Some(other) = services_by_vip.insert(vip, s.clone()) {
                 services_by_vip.insert(vip, other.clone());
-                problems.add(&object, &field, &format!("{vip} is already the IP of Service {}/{}", other.namespace, other.name));
+                problems.add(
+                    &object,
+                    &field,
+                    &format!("{vip} is already the IP of Service {}/{}", other.namespace, other.name),
+                );
             }
         }
     }
@@ -222,12 +224,7 @@ fn from_slices<'a>(slices: &[&EndpointSlice], workloads: &HashMap<IpAddr, Arc<Wo
 }
 
 /// Parses each policy on its own (a malformed one is left out with its field) and compiles them.
-fn policies(
-    inputs: &Inputs,
-    opts: &KubeOptions,
-    problems: &mut Problems,
-    fingerprint: &mut Option<u64>,
-) -> Policies {
+fn policies(inputs: &Inputs, opts: &KubeOptions, problems: &mut Problems, fingerprint: &mut Option<u64>) -> Policies {
     let authz: Vec<AuthorizationPolicy> = typed_all(&inputs.authz, "AuthorizationPolicy", problems);
     let peer: Vec<PeerAuthentication> = typed_all(&inputs.peer, "PeerAuthentication", problems);
 
@@ -240,11 +237,8 @@ fn policies(
     let unchanged = *fingerprint == Some(now);
     *fingerprint = Some(now);
     let compile = || Policies::compile(&authz, &peer, &opts.root_namespace);
-    let (policies, errors) = if unchanged {
-        tracing::dispatcher::with_default(&tracing::Dispatch::none(), compile)
-    } else {
-        compile()
-    };
+    let (policies, errors) =
+        if unchanged { tracing::dispatcher::with_default(&tracing::Dispatch::none(), compile) } else { compile() };
     for e in errors {
         problems.add(&format!("{} {}/{}", e.kind, e.namespace, e.name), &e.field, &e.reason);
     }

@@ -2,9 +2,7 @@
 //! cluster of 10,000 pods costs a few megabytes. Applied to every watch event before the store
 //! sees it (the watcher has already taken the resourceVersion it resumes from).
 
-use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, Namespace, Pod, PodSpec, PodStatus, Service,
-};
+use k8s_openapi::api::core::v1::{Container, ContainerPort, Namespace, Pod, PodSpec, PodStatus, Service};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{DynamicObject, PartialObjectMeta};
@@ -74,7 +72,10 @@ pub(super) fn endpoint_slice(s: &mut EndpointSlice) {
     for e in s.endpoints.iter_mut().flatten() {
         *e = Endpoint {
             addresses: std::mem::take(&mut e.addresses),
-            conditions: e.conditions.take().map(|c| EndpointConditions { ready: c.ready, ..EndpointConditions::default() }),
+            conditions: e
+                .conditions
+                .take()
+                .map(|c| EndpointConditions { ready: c.ready, ..EndpointConditions::default() }),
             ..Endpoint::default()
         };
     }
