@@ -1,8 +1,8 @@
 //! `cargo xtask test`: what CI runs. Installs missing system tools, mounts bpffs, checks the eBPF
-//! object is current, runs `cargo test` for the workspace, then the network-namespace suites of
-//! `weft-tests` one test at a time (the agent's eBPF is node-global), and ends with one
-//! `N passed, N failed` line. Every step runs even when an earlier one failed, so one report
-//! shows everything that is broken.
+//! object and the generated protobuf code are current, runs `cargo test` for the workspace, then
+//! the network-namespace suites of `weft-tests` one test at a time (the agent's eBPF is node-global),
+//! and ends with one `N passed, N failed` line. Every step runs even when an earlier one failed,
+//! so one report shows everything that is broken.
 
 use anyhow::Result;
 
@@ -21,6 +21,19 @@ pub struct Args {
     skip_ebpf_check: bool,
 }
 
+/// A pass/fail step that is not a test run (a generated artefact is current, …).
+fn check_step(name: &'static str, check: impl FnOnce() -> Result<()>) -> Step {
+    println!("==> {name}");
+    let ok = match check() {
+        Ok(()) => true,
+        Err(e) => {
+            println!("{name} failed: {e:#}");
+            false
+        }
+    };
+    Step { name, tally: Tally { passed: ok as u64, failed: !ok as u64, ignored: 0 }, ok }
+}
+
 struct Step {
     name: &'static str,
     tally: Tally,
@@ -36,16 +49,9 @@ pub fn run(args: Args) -> Result<()> {
     let mut steps: Vec<Step> = Vec::new();
 
     if !args.skip_ebpf_check {
-        println!("==> build-ebpf --check");
-        let ok = match crate::ebpf::build(true) {
-            Ok(()) => true,
-            Err(e) => {
-                println!("build-ebpf --check failed: {e:#}");
-                false
-            }
-        };
-        steps.push(Step { name: "build-ebpf --check", tally: Tally { passed: ok as u64, failed: !ok as u64, ignored: 0 }, ok });
+        steps.push(check_step("build-ebpf --check", || crate::ebpf::build(true)));
     }
+    steps.push(check_step("codegen --check", || crate::codegen::run(true)));
 
     println!("==> cargo test --workspace (unit and in-process tests)");
     let mut c = sys::cargo();
