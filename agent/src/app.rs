@@ -1,10 +1,12 @@
 //! Wires the node agent together — the only module that knows every other one.
 //!
-//! Start-up: load the mesh, the CA and the certificate manager, the eBPF redirect (re-adopting
-//! pinned state after a restart), the admin servers; then keep the set of served pods equal to
-//! the snapshot's local captured workloads (`reconcile`), readiness going up once all of them are
-//! enrolled. SIGTERM/SIGINT drain every listener and connection; pinned eBPF state stays so pods
-//! fail closed until the agent is back.
+//! Start-up: the configuration source (local YAML file, or the Kubernetes API in cluster mode),
+//! the certificate manager (in-process CA locally, `weft ca` over gRPC in a cluster), the eBPF
+//! redirect (re-adopting pinned state after a restart) and the admin servers. Once the source
+//! has delivered a complete snapshot, the served pods are kept equal to the snapshot's local
+//! captured workloads (`reconcile`), readiness going up once all of them are enrolled.
+//! SIGTERM/SIGINT drain every listener and connection; pinned eBPF state stays so pods fail
+//! closed until the agent is back.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -13,13 +15,16 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::admin::Admin;
-use crate::config::{Config, RedirectMode};
+use crate::config::{CaMode, Config, RedirectMode, Source};
 use crate::discovery::file::{self, FileOptions};
+use crate::discovery::kube::{self, KubeOptions};
 use crate::drain::Drain;
-use crate::identity::{Ca, CertManager};
+use crate::identity::grpc::{self, GrpcSigner, GrpcSignerConfig};
+use crate::identity::{Ca, CertManager, CertificateSigner};
 use crate::metrics::Metrics;
 use crate::netns::Netns;
 use crate::proxy::{OriginalDst, PodHandle, Proxy};
@@ -30,8 +35,12 @@ use crate::state::{State, StateStore};
 pub enum Error {
     #[error("mesh configuration: {0}")]
     Mesh(#[from] file::FileError),
-    #[error("certificate authority in {dir}: {source}")]
-    Ca { dir: PathBuf, source: crate::identity::Error },
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::KubeError),
+    #[error("certificate authority {what}: {source}")]
+    Ca { what: String, source: crate::identity::Error },
+    #[error("--ca-root-cert {path}: {reason}; mount the weft-ca-root-cert ConfigMap there")]
+    CaRoot { path: PathBuf, reason: String },
     #[error("eBPF redirect: {0}")]
     Redirect(#[from] redirect::Error),
     #[error("cannot listen on {addr}: {source}; is another weft agent running?")]
@@ -42,18 +51,33 @@ pub enum Error {
 
 /// `weft node`: runs until SIGTERM or SIGINT.
 pub async fn run_node(config: Arc<Config>) -> Result<(), Error> {
-    let file_opts = FileOptions {
-        trust_domain: config.trust_domain.clone(),
-        node_name: config.node_name.clone(),
-        root_namespace: config.root_namespace.clone(),
-    };
-    let store = Arc::new(StateStore::new(file::load(&config.mesh_file, &file_opts)?));
-    let ca = Ca::load_or_create(&config.state_dir, &config.trust_domain)
-        .map_err(|source| Error::Ca { dir: config.state_dir.clone(), source })?;
-    let roots = vec![ca.root()];
-    let certs = CertManager::new(Arc::new(ca), roots, config.trust_domain.clone(), config.cert_ttl);
-    let metrics = Arc::new(Metrics::new());
     let drain = Drain::new();
+    let store = Arc::new(StateStore::new(State::default()));
+    // Flips to true once the source has delivered a complete first snapshot.
+    let (synced_tx, mut synced) = watch::channel(false);
+    match &config.source {
+        Source::File(path) => {
+            let opts = FileOptions {
+                trust_domain: config.trust_domain.clone(),
+                node_name: config.node_name.clone(),
+                root_namespace: config.root_namespace.clone(),
+            };
+            store.replace(file::load(path, &opts)?);
+            synced_tx.send_replace(true);
+            tokio::spawn(file::watch(path.clone(), opts, store.clone(), drain.signaled_owned()));
+        }
+        Source::Kube { kubeconfig } => {
+            let client = kube::client(kubeconfig.as_deref()).await?;
+            let opts = KubeOptions {
+                trust_domain: config.trust_domain.clone(),
+                node_name: config.node_name.clone(),
+                root_namespace: config.root_namespace.clone(),
+            };
+            tokio::spawn(kube::run(client, opts, store.clone(), synced_tx, drain.signaled_owned()));
+        }
+    }
+    let certs = cert_manager(&config)?;
+    let metrics = Arc::new(Metrics::new());
 
     let redirect = match config.redirect {
         RedirectMode::Ebpf => {
@@ -76,10 +100,15 @@ pub async fn run_node(config: Arc<Config>) -> Result<(), Error> {
         tokio::spawn(admin.clone().serve(listener, drain.clone()));
     }
 
-    tokio::spawn(file::watch(config.mesh_file.clone(), file_opts, store.clone(), drain.signaled_owned()));
-
     let mut term = signal(SignalKind::terminate()).map_err(Error::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
+    // Nothing is enrolled or unenrolled before the first complete snapshot: after a restart an
+    // empty state would otherwise unenroll every pinned pod and open a plaintext window.
+    tokio::select! {
+        _ = term.recv() => return Ok(()),
+        _ = int.recv() => return Ok(()),
+        _ = synced.wait_for(|s| *s) => {}
+    }
     let mut pods = Pods { proxy, redirect, certs: admin.certs.clone(), served: HashMap::new(), drain: drain.clone(), config: config.clone() };
     pods.adopt_pinned(&store.load());
     let mut changes = store.subscribe();
@@ -99,6 +128,38 @@ pub async fn run_node(config: Arc<Config>) -> Result<(), Error> {
     let left = drain.drain_and_wait(config.drain_timeout).await;
     tracing::info!(connections_cut = left, "stopped");
     Ok(())
+}
+
+/// Local mode: the in-process CA. Cluster mode: `weft ca` over gRPC, trusted through the mesh root.
+fn cert_manager(config: &Config) -> Result<Arc<CertManager>, Error> {
+    let (signer, roots): (Arc<dyn CertificateSigner>, _) = match &config.ca {
+        CaMode::Local => {
+            let ca = Ca::load_or_create(&config.state_dir, &config.trust_domain)
+                .map_err(|source| Error::Ca { what: config.state_dir.display().to_string(), source })?;
+            let roots = vec![ca.root()];
+            (Arc::new(ca), roots)
+        }
+        CaMode::Remote { address, root_cert, token_path } => {
+            let what = || format!("{address} (root {})", root_cert.display());
+            let pem = std::fs::read(root_cert).map_err(|e| Error::CaRoot { path: root_cert.clone(), reason: e.to_string() })?;
+            let roots: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
+                .collect::<Result<_, _>>()
+                .map_err(|e| Error::CaRoot { path: root_cert.clone(), reason: e.to_string() })?;
+            if roots.is_empty() {
+                return Err(Error::CaRoot { path: root_cert.clone(), reason: "no PEM certificate in it".into() });
+            }
+            let signer = GrpcSigner::new(GrpcSignerConfig {
+                address: address.clone(),
+                server_name: None,
+                roots: roots.clone(),
+                token_path: token_path.clone(),
+                timeout: grpc::DEFAULT_TIMEOUT,
+            })
+            .map_err(|source| Error::Ca { what: what(), source })?;
+            (Arc::new(signer), roots)
+        }
+    };
+    Ok(CertManager::new(signer, roots, config.trust_domain.clone(), config.cert_ttl))
 }
 
 /// eBPF maps as the proxy's source of original destinations.

@@ -26,6 +26,28 @@ pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// How long in-flight connections get to finish after SIGTERM (Istio's terminationDrainDuration).
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+pub const DEFAULT_CA_ADDRESS: &str = "https://weft-ca.weft-system.svc:15012";
+pub const DEFAULT_CA_ROOT_CERT: &str = "/var/run/secrets/weft-ca/root-cert.pem";
+pub const DEFAULT_TOKEN_PATH: &str = "/var/run/secrets/tokens/istio-token";
+
+/// Where the mesh configuration comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// Local mode: one YAML file.
+    File(PathBuf),
+    /// Cluster mode: the Kubernetes API (a kubeconfig, or in-cluster when `None`).
+    Kube { kubeconfig: Option<PathBuf> },
+}
+
+/// Who signs workload certificates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaMode {
+    /// Local mode: an in-process CA whose root lives in `state_dir`.
+    Local,
+    /// Cluster mode: `weft ca` over gRPC.
+    Remote { address: String, root_cert: PathBuf, token_path: PathBuf },
+}
+
 /// How enrolled pods' traffic reaches the in-pod listeners.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum RedirectMode {
@@ -46,9 +68,23 @@ pub enum LogFormat {
 #[derive(Debug, Clone, clap::Args)]
 pub struct NodeArgs {
     /// Local mode: a multi-document YAML file of Namespaces, ServiceAccounts, Pods, Services and
-    /// Istio policies. Reloaded on SIGHUP and when the file changes.
+    /// Istio policies. Reloaded on SIGHUP and when the file changes. Without it the agent runs in
+    /// cluster mode: configuration from the Kubernetes API, certificates from `weft ca`.
     #[arg(long, value_name = "MESH_YAML")]
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
+    /// Cluster mode: kubeconfig to use instead of the in-cluster ServiceAccount (or $KUBECONFIG).
+    #[arg(long, conflicts_with = "config")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Cluster mode: the CA's gRPC address.
+    #[arg(long, default_value = DEFAULT_CA_ADDRESS)]
+    pub ca_address: String,
+    /// Cluster mode: PEM file with the mesh root certificate(s) the CA's TLS certificate chains to
+    /// (the `weft-ca-root-cert` ConfigMap, mounted).
+    #[arg(long, default_value = DEFAULT_CA_ROOT_CERT)]
+    pub ca_root_cert: PathBuf,
+    /// Cluster mode: projected ServiceAccount token (audience `istio-ca`) presented to the CA.
+    #[arg(long, default_value = DEFAULT_TOKEN_PATH)]
+    pub token_path: PathBuf,
     /// This node's name; pods with another `spec.nodeName` are not served here.
     #[arg(long, env = NODE_NAME_ENV, default_value = "local")]
     pub node_name: String,
@@ -94,8 +130,8 @@ pub struct NodeArgs {
 /// The validated configuration of `weft node`.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The local mesh YAML.
-    pub mesh_file: PathBuf,
+    pub source: Source,
+    pub ca: CaMode,
     pub node_name: String,
     pub trust_domain: String,
     pub root_namespace: String,
@@ -117,6 +153,8 @@ pub struct Config {
 pub enum Error {
     #[error("--config {0}: file not found; pass the path of a mesh YAML file (see examples/mesh.yaml)")]
     MissingMeshFile(PathBuf),
+    #[error("--ca-address {0:?}: must be an https:// URL such as {DEFAULT_CA_ADDRESS}")]
+    BadCaAddress(String),
     #[error("--trust-domain {0:?}: must be a DNS-like name such as cluster.local (letters, digits, '.', '-', '_')")]
     BadTrustDomain(String),
     #[error("--cert-ttl-secs {0}: must be at least 60 seconds so certificates can rotate at half-life")]
@@ -127,9 +165,17 @@ pub enum Error {
 
 impl Config {
     pub fn from_node_args(a: NodeArgs) -> Result<Self, Error> {
-        if !a.config.is_file() {
-            return Err(Error::MissingMeshFile(a.config));
-        }
+        let (source, ca) = match a.config {
+            Some(path) if !path.is_file() => return Err(Error::MissingMeshFile(path)),
+            Some(path) => (Source::File(path), CaMode::Local),
+            None => {
+                if !a.ca_address.starts_with("https://") {
+                    return Err(Error::BadCaAddress(a.ca_address));
+                }
+                let ca = CaMode::Remote { address: a.ca_address, root_cert: a.ca_root_cert, token_path: a.token_path };
+                (Source::Kube { kubeconfig: a.kubeconfig }, ca)
+            }
+        };
         let td_ok = !a.trust_domain.is_empty()
             && a.trust_domain.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
         if !td_ok {
@@ -142,7 +188,8 @@ impl Config {
             return Err(Error::EmptyNodeName);
         }
         Ok(Config {
-            mesh_file: a.config,
+            source,
+            ca,
             node_name: a.node_name,
             trust_domain: a.trust_domain,
             root_namespace: DEFAULT_ROOT_NAMESPACE.to_string(),
@@ -184,11 +231,22 @@ mod tests {
     #[test]
     fn defaults_are_istio_ports() {
         let c = args(&[]).unwrap();
+        assert!(matches!(c.source, Source::File(_)));
+        assert_eq!(c.ca, CaMode::Local);
         assert_eq!(c.admin_addr.port(), 15000);
         assert_eq!(c.metrics_addr.port(), 15020);
         assert_eq!(c.ready_addr.port(), 15021);
         assert_eq!(c.trust_domain, "cluster.local");
         assert_eq!(c.redirect, RedirectMode::Ebpf);
+    }
+
+    #[test]
+    fn without_a_file_the_agent_runs_from_the_cluster() {
+        let c = Config::from_node_args(Cli::parse_from(["weft", "--kubeconfig", "/k"]).node).unwrap();
+        assert_eq!(c.source, Source::Kube { kubeconfig: Some("/k".into()) });
+        assert!(matches!(c.ca, CaMode::Remote { ref address, .. } if address == DEFAULT_CA_ADDRESS));
+        let e = Config::from_node_args(Cli::parse_from(["weft", "--ca-address", "http://ca:15012"]).node).unwrap_err();
+        assert!(e.to_string().contains("--ca-address"), "{e}");
     }
 
     #[test]

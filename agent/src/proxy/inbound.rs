@@ -112,17 +112,7 @@ async fn stream(
         tracing::info!(pod = %pod.name(), %peer, %dest, "HBONE CONNECT for an address this pod does not have");
         return answer(&mut respond, 400);
     }
-    let principal = src_id.principal();
-    let decision = state.policies.authorize(&Connection {
-        source_principal: Some(&principal),
-        source_namespace: Some(&src_id.namespace),
-        source_ip: peer.ip(),
-        dest_ip: dest.ip(),
-        dest_port: dest.port(),
-        dest_namespace: &me.namespace,
-        dest_labels: &me.labels,
-    });
-    if let Decision::Deny { policy } = decision {
+    if let Decision::Deny { policy } = authorize(&state, &me, peer, Some(&src_id), dest) {
         tracing::info!(target: "access", direction = "inbound", pod = %pod.name(), src.addr = %peer, src.identity = %src_id, dst.addr = %dest, policy = %policy, "connection denied by AuthorizationPolicy");
         return answer(&mut respond, 401);
     }
@@ -176,16 +166,7 @@ pub(super) async fn handle_plaintext(proxy: Arc<Proxy>, pod: Arc<Pod>, tcp: TcpS
         tracing::info!(target: "access", direction = "inbound", pod = %pod.name(), src.addr = %peer, dst.addr = %dest, "plaintext refused: PeerAuthentication STRICT");
         return socket::reset(tcp);
     }
-    let decision = state.policies.authorize(&Connection {
-        source_principal: None,
-        source_namespace: None,
-        source_ip: peer.ip(),
-        dest_ip: dest.ip(),
-        dest_port: dest.port(),
-        dest_namespace: &me.namespace,
-        dest_labels: &me.labels,
-    });
-    if let Decision::Deny { policy } = decision {
+    if let Decision::Deny { policy } = authorize(&state, &me, peer, None, dest) {
         tracing::info!(target: "access", direction = "inbound", pod = %pod.name(), src.addr = %peer, dst.addr = %dest, policy = %policy, "plaintext connection denied by AuthorizationPolicy");
         return socket::reset(tcp);
     }
@@ -213,6 +194,21 @@ pub(super) async fn handle_plaintext(proxy: Arc<Proxy>, pod: Arc<Pod>, tcp: TcpS
         error = res.err().map(|e| e.to_string()).unwrap_or_default(),
         "connection complete"
     );
+}
+
+/// AuthorizationPolicy for a connection to `me`; `src` is the peer's verified identity, if any
+/// (plaintext has none, so principal and namespace rules cannot match it).
+fn authorize(state: &State, me: &Workload, peer: SocketAddr, src: Option<&Identity>, dest: SocketAddr) -> Decision {
+    let principal = src.map(Identity::principal);
+    state.policies.authorize(&Connection {
+        source_principal: principal.as_deref(),
+        source_namespace: src.map(|id| id.namespace.as_str()),
+        source_ip: peer.ip(),
+        dest_ip: dest.ip(),
+        dest_port: dest.port(),
+        dest_namespace: &me.namespace,
+        dest_labels: &me.labels,
+    })
 }
 
 fn labels(state: &State, me: &Workload, src_ip: IpAddr, src_id: Option<&Identity>, dest: SocketAddr, mtls: bool) -> ConnLabels {
