@@ -24,6 +24,10 @@ pub struct Args {
     /// Requests per second for the request/response test.
     #[arg(long, default_value_t = 1000)]
     rate: u32,
+    /// Extra `weft node` flag for the mesh setups (repeatable), to compare agent settings,
+    /// e.g. `--agent-arg=--worker-threads=1`.
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    agent_args: Vec<String>,
 }
 
 const IPERF_PORT: u16 = 5201;
@@ -100,6 +104,9 @@ fn measure_setup(setup: Setup, topo: &Topology, client: &Pod, server: &Pod, weft
         Setup::Ebpf | Setup::Iptables => {
             let mut opts = AgentOptions::for_topology(topo);
             opts.bin = weft.clone();
+            for a in &args.agent_args {
+                opts = opts.arg(a);
+            }
             if setup == Setup::Iptables {
                 opts = opts.arg("--redirect").arg("iptables");
             }
