@@ -219,16 +219,3 @@ fn run(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
     ensure!(status.success(), "{what} failed ({status}): {cmd:?}");
     Ok(())
 }
-
-#[cfg(test)]
-mod tests {
-    /// Builds the object twice (cached, then from scratch via `check`) and requires identical
-    /// bytes. Slow (minutes) and needs the toolchain (installed on demand, as root): ignored by
-    /// default, run with `cargo test -p xtask -- --ignored build_ebpf`.
-    #[test]
-    #[ignore = "slow: builds the eBPF object twice"]
-    fn build_ebpf_is_reproducible() {
-        super::build(false).expect("cargo xtask build-ebpf");
-        super::build(true).expect("cargo xtask build-ebpf --check");
-    }
-}

@@ -37,7 +37,14 @@ impl Pool {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<SendRequest<Bytes>, E>>,
     {
-        let slot = self.slots.lock().expect("pool lock").entry(key.clone()).or_default().clone();
+        let slot = {
+            let mut slots = self.slots.lock().expect("pool lock");
+            // Look up before `entry`: the key owns six strings, cloned only for a new slot.
+            match slots.get(key) {
+                Some(slot) => slot.clone(),
+                None => slots.entry(key.clone()).or_default().clone(),
+            }
+        };
         let mut guard = slot.lock().await;
         if let Some(sender) = guard.as_ref() {
             // `ready` fails once the connection is gone; then replace it below.
