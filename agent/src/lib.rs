@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod app;
 pub mod ca_server;
+pub mod cni;
 pub mod config;
 pub mod crd;
 pub mod discovery;
