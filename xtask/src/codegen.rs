@@ -2,7 +2,8 @@
 //!
 //! Owns: turning `proto/protos/**/*.proto` into `proto/src/generated/*.rs` with pure-Rust tools (protox
 //! parses the protos, including the Google well-known types; tonic-prost-build emits prost messages and
-//! tonic stubs), so neither builds nor CI need protoc. Does not own: what the protos say (`proto/`).
+//! tonic stubs), so neither builds nor CI need protoc. Does not own: what the protos say (`proto/`), or
+//! the generated files under deploy/ (CRDs, Helm chart, plain manifests: `deploy`, run from here).
 //!
 //! `--check` generates into a temporary directory and fails, listing the files, when anything differs
 //! from the checked-in copy (or a checked-in file is no longer generated).
@@ -19,7 +20,12 @@ const PROTO_OUT: &str = "proto/src/generated";
 
 pub fn run(check: bool) -> Result<()> {
     let root = workspace_root();
-    protos(&root, check)
+    // Both run even when the first fails, so one --check reports everything that is stale.
+    match (protos(&root, check), crate::deploy::codegen(&root, check)) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+        (Err(p), Err(d)) => bail!("{p:#}\n{d:#}"),
+    }
 }
 
 fn workspace_root() -> PathBuf {

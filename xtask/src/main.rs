@@ -1,6 +1,7 @@
 //! weft's developer tasks (`cargo xtask …`, aliased in .cargo/config.toml):
 //! - `build-ebpf [--check]`: build the eBPF object (or prove the checked-in one is current)
-//! - `codegen [--check]`: regenerate checked-in generated code (gRPC protos), or prove it is current
+//! - `codegen [--check]`: regenerate checked-in generated code (gRPC protos, deploy/), or prove it is current
+//! - `kind-e2e`: install on a kind cluster and run the demo with real pods (needs Docker; not runnable here)
 //! - `test`: everything CI runs, as root: unit, in-process and network-namespace suites
 //! - `demo [--check]`: a local mesh of network-namespace pods, walked through step by step
 //! - `bench l4`: no mesh vs weft (eBPF redirect) vs iptables REDIRECT on the same topology
@@ -10,6 +11,7 @@
 mod bench;
 mod codegen;
 mod demo;
+mod deploy;
 mod ebpf;
 mod suite;
 mod sys;
@@ -47,6 +49,9 @@ enum Cmd {
         #[arg(long)]
         debug: bool,
     },
+    /// Install weft on a kind cluster (image, kind load, kubectl apply -k deploy/) and run the demo
+    /// with real pods. Needs Docker: it cannot run on this project's development machines.
+    KindE2e(deploy::KindE2eArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -66,6 +71,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Codegen { check } => codegen::run(check),
         Cmd::Test(args) => suite::run(args),
         Cmd::Demo { check, debug } => demo::run(check, !debug),
+        Cmd::KindE2e(args) => deploy::kind_e2e(args),
         Cmd::Bench { which: BenchCmd::L4(args) } => bench::l4(args),
     }
 }
