@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::admin::Admin;
+use crate::cni::{self, PodNetnsRegistry};
 use crate::config::{CaMode, Config, RedirectMode, Source};
 use crate::discovery::file::{self, FileOptions};
 use crate::discovery::kube::{self, KubeOptions};
@@ -29,7 +30,7 @@ use crate::metrics::Metrics;
 use crate::netns::Netns;
 use crate::proxy::{OriginalDst, PodHandle, Proxy};
 use crate::redirect::{self, Redirect};
-use crate::state::{State, StateStore};
+use crate::state::{State, StateStore, Workload};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -39,6 +40,8 @@ pub enum Error {
     Kube(#[from] kube::KubeError),
     #[error("certificate authority {what}: {source}")]
     Ca { what: String, source: crate::identity::Error },
+    #[error("--cni-socket {path}: {source}; is another agent running, or is the directory read-only?")]
+    CniSocket { path: PathBuf, source: std::io::Error },
     #[error("--ca-root-cert {path}: {reason}; mount the weft-ca-root-cert ConfigMap there")]
     CaRoot { path: PathBuf, reason: String },
     #[error("eBPF redirect: {0}")]
@@ -55,6 +58,7 @@ pub async fn run_node(config: Arc<Config>) -> Result<(), Error> {
     let store = Arc::new(StateStore::new(State::default()));
     // Flips to true once the source has delivered a complete first snapshot.
     let (synced_tx, mut synced) = watch::channel(false);
+    let mut cni_registry = None;
     match &config.source {
         Source::File(path) => {
             let opts = FileOptions {
@@ -67,6 +71,11 @@ pub async fn run_node(config: Arc<Config>) -> Result<(), Error> {
             tokio::spawn(file::watch(path.clone(), opts, store.clone(), drain.signaled_owned()));
         }
         Source::Kube { kubeconfig } => {
+            let registry = Arc::new(PodNetnsRegistry::new());
+            let socket = &config.cni_socket;
+            let listener = cni::bind(socket).map_err(|source| Error::CniSocket { path: socket.clone(), source })?;
+            tokio::spawn(cni::serve(listener, registry.clone(), drain.signaled_owned()));
+            cni_registry = Some(registry);
             let client = kube::client(kubeconfig.as_deref()).await?;
             let opts = KubeOptions {
                 trust_domain: config.trust_domain.clone(),
@@ -109,7 +118,20 @@ pub async fn run_node(config: Arc<Config>) -> Result<(), Error> {
         _ = int.recv() => return Ok(()),
         _ = synced.wait_for(|s| *s) => {}
     }
-    let mut pods = Pods { proxy, redirect, certs: admin.certs.clone(), served: HashMap::new(), drain: drain.clone(), config: config.clone() };
+    // A pod handed over by the CNI plugin is a change to reconcile, like a new snapshot.
+    let mut cni_changes = match &cni_registry {
+        Some(r) => r.subscribe(),
+        None => watch::channel(0).1,
+    };
+    let mut pods = Pods {
+        proxy,
+        redirect,
+        certs: admin.certs.clone(),
+        cni: cni_registry,
+        served: HashMap::new(),
+        drain: drain.clone(),
+        config: config.clone(),
+    };
     pods.adopt_pinned(&store.load());
     let mut changes = store.subscribe();
     loop {
@@ -119,6 +141,7 @@ pub async fn run_node(config: Arc<Config>) -> Result<(), Error> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             r = changes.changed() => if r.is_err() { break },
+            Ok(()) = cni_changes.changed() => {}
             // Retry pods that failed to enroll (netns not there yet, …).
             _ = tokio::time::sleep(std::time::Duration::from_secs(2)), if !all_enrolled => {}
         }
@@ -189,6 +212,8 @@ struct Pods {
     proxy: Arc<Proxy>,
     redirect: Option<Arc<Redirect>>,
     certs: Arc<CertManager>,
+    /// Cluster mode: network namespaces handed over by the CNI plugin.
+    cni: Option<Arc<PodNetnsRegistry>>,
     served: HashMap<PodKey, Served>,
     drain: Drain,
     config: Arc<Config>,
@@ -201,7 +226,7 @@ impl Pods {
         let wanted: Vec<u64> = state
             .local_captured(&self.config.node_name)
             .iter()
-            .filter_map(|w| Netns::open(w.netns.as_ref()?).ok().map(|n| n.cookie()))
+            .filter_map(|w| Netns::open(self.netns_of(w)?).ok().map(|n| n.cookie()))
             .collect();
         match redirect.enrolled() {
             Ok(cookies) => {
@@ -216,16 +241,33 @@ impl Pods {
         }
     }
 
-    /// Serves exactly the local captured pods of `state`. Returns whether all are enrolled.
+    /// A pod's network namespace: from the mesh file (local mode) or from the CNI plugin.
+    fn netns_of(&self, w: &Workload) -> Option<PathBuf> {
+        w.netns.clone().or_else(|| self.cni.as_ref()?.get(&w.namespace, &w.name))
+    }
+
+    /// Serves exactly the local captured pods of `state` whose network namespace is known.
+    /// Returns whether all of those are enrolled.
     async fn reconcile(&mut self, state: &State) -> bool {
         let desired: HashMap<PodKey, _> = state
             .local_captured(&self.config.node_name)
             .into_iter()
             .filter_map(|w| {
-                let key = PodKey { namespace: w.namespace.clone(), name: w.name.clone(), netns: w.netns.clone()?, ips: w.ips.clone() };
+                let netns = self.netns_of(&w)?;
+                let key = PodKey { namespace: w.namespace.clone(), name: w.name.clone(), netns, ips: w.ips.clone() };
                 Some((key, w))
             })
             .collect();
+        if let Some(cni) = &self.cni {
+            // Answer the plugin's waiting ADDs: pods the state knows are not in the mesh may
+            // start now; undecided ones wait (their ADD times out and the runtime retries).
+            for (pod, _) in cni.snapshot().iter() {
+                let captured = desired.keys().any(|k| k.namespace == pod.namespace && k.name == pod.name);
+                if !captured && state.known_not_captured(&pod.namespace, &pod.name) {
+                    cni.mark_not_captured(&pod.namespace, &pod.name);
+                }
+            }
+        }
 
         let gone: Vec<PodKey> = self.served.keys().filter(|k| !desired.contains_key(*k)).cloned().collect();
         for key in gone {
@@ -254,6 +296,9 @@ impl Pods {
             match self.enroll(&key, workload).await {
                 Ok(served) => {
                     tracing::info!(%pod, netns_cookie = served.cookie, "pod enrolled");
+                    if let Some(cni) = &self.cni {
+                        cni.mark_enrolled(&key.namespace, &key.name, &key.netns);
+                    }
                     self.served.insert(key, served);
                 }
                 Err(e) => {
@@ -265,7 +310,7 @@ impl Pods {
         all
     }
 
-    async fn enroll(&self, key: &PodKey, workload: Arc<crate::state::Workload>) -> Result<Served, String> {
+    async fn enroll(&self, key: &PodKey, workload: Arc<Workload>) -> Result<Served, String> {
         let netns = Arc::new(Netns::open(&key.netns).map_err(|e| e.to_string())?);
         let cookie = netns.cookie();
         let handle = self.proxy.start_pod(workload, netns.clone(), &self.drain).map_err(|e| e.to_string())?;

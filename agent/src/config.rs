@@ -29,6 +29,8 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_CA_ADDRESS: &str = "https://weft-ca.weft-system.svc:15012";
 pub const DEFAULT_CA_ROOT_CERT: &str = "/var/run/secrets/weft-ca/root-cert.pem";
 pub const DEFAULT_TOKEN_PATH: &str = "/var/run/secrets/tokens/istio-token";
+/// Unix socket where the CNI plugin hands new pods' network namespaces to the agent.
+pub const DEFAULT_CNI_SOCKET: &str = "/var/run/weft/cni.sock";
 
 /// Where the mesh configuration comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,6 +87,9 @@ pub struct NodeArgs {
     /// Cluster mode: projected ServiceAccount token (audience `istio-ca`) presented to the CA.
     #[arg(long, default_value = DEFAULT_TOKEN_PATH)]
     pub token_path: PathBuf,
+    /// Cluster mode: the unix socket the `weft-cni` plugin talks to.
+    #[arg(long, default_value = DEFAULT_CNI_SOCKET)]
+    pub cni_socket: PathBuf,
     /// This node's name; pods with another `spec.nodeName` are not served here.
     #[arg(long, env = NODE_NAME_ENV, default_value = "local")]
     pub node_name: String,
@@ -132,6 +137,8 @@ pub struct NodeArgs {
 pub struct Config {
     pub source: Source,
     pub ca: CaMode,
+    /// Cluster mode: where the CNI plugin reaches the agent.
+    pub cni_socket: PathBuf,
     pub node_name: String,
     pub trust_domain: String,
     pub root_namespace: String,
@@ -190,6 +197,7 @@ impl Config {
         Ok(Config {
             source,
             ca,
+            cni_socket: a.cni_socket,
             node_name: a.node_name,
             trust_domain: a.trust_domain,
             root_namespace: DEFAULT_ROOT_NAMESPACE.to_string(),

@@ -22,6 +22,12 @@ enum Command {
     /// The mesh certificate authority: Istio's IstioCertificateService on 15012, callers
     /// authenticated by TokenReview, node agents limited to the pods of their own node.
     Ca(weft::ca_server::CaArgs),
+    /// The chained CNI plugin, as the container runtime runs it (CNI_COMMAND and the config on
+    /// stdin), or its installation into the node's CNI configuration.
+    Cni {
+        #[command(subcommand)]
+        action: Option<CniAction>,
+    },
     /// Detaches weft's eBPF programs and removes their pins: enrolled pods stop being redirected
     /// (and stop failing closed). Run it after removing the agent for good.
     Uninstall {
@@ -30,6 +36,48 @@ enum Command {
         #[arg(long, default_value = weft::config::DEFAULT_CGROUP)]
         cgroup: std::path::PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum CniAction {
+    /// Copies this binary to the CNI bin dir as `weft-cni` and chains it, last, into the
+    /// node's primary CNI configuration. Idempotent.
+    Install {
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        conf_dir: std::path::PathBuf,
+        #[arg(long, default_value = "/opt/cni/bin")]
+        bin_dir: std::path::PathBuf,
+        /// Where the node agent listens for the plugin.
+        #[arg(long, default_value = weft::config::DEFAULT_CNI_SOCKET)]
+        socket: std::path::PathBuf,
+    },
+    /// Removes exactly what `install` added.
+    Uninstall {
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        conf_dir: std::path::PathBuf,
+        #[arg(long, default_value = "/opt/cni/bin")]
+        bin_dir: std::path::PathBuf,
+    },
+}
+
+fn cni(action: Option<CniAction>) -> ExitCode {
+    let result = match action {
+        None => return weft::cni::run_plugin(),
+        Some(CniAction::Install { conf_dir, bin_dir, socket }) => std::env::current_exe()
+            .map_err(|e| format!("cannot find this binary: {e}"))
+            .and_then(|exe| weft::cni::install(&conf_dir, &bin_dir, &exe, &socket).map_err(|e| e.to_string()))
+            .map(|installed| eprintln!("weft cni install: {installed:?}")),
+        Some(CniAction::Uninstall { conf_dir, bin_dir }) => weft::cni::uninstall(&conf_dir, &bin_dir)
+            .map(|removed| eprintln!("weft cni uninstall: {}", if removed { "removed" } else { "nothing to remove" }))
+            .map_err(|e| e.to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft cni: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn init_logging(format: LogFormat) {
@@ -76,8 +124,13 @@ async fn run_ca(config: weft::ca_server::CaConfig) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
+    // The container runtime runs the plugin as /opt/cni/bin/weft-cni with no arguments.
+    if weft::cni::invoked_as_plugin() {
+        return weft::cni::run_plugin();
+    }
     let cli = Cli::parse();
     match cli.command {
+        Command::Cni { action } => cni(action),
         Command::Uninstall { bpf_pin_dir, cgroup } => {
             let opts = weft::redirect::Options { pin_dir: bpf_pin_dir, cgroup, ..Default::default() };
             match weft::redirect::Redirect::remove_all(&opts) {

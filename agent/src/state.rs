@@ -94,18 +94,32 @@ impl State {
         self.services_by_vip.get(&ip)
     }
 
-    /// Captured workloads that run on `node` (or have no node: local mode) and whose network
-    /// namespace is known: what the redirect and the in-pod listeners must serve here. Each
+    /// Captured workloads that run on `node` (or have no node: local mode): what the redirect
+    /// and the in-pod listeners must serve here once their network namespace is known. Each
     /// workload once, in name order.
     pub fn local_captured(&self, node: &str) -> Vec<Arc<Workload>> {
         let mut seen: BTreeMap<(String, String), Arc<Workload>> = BTreeMap::new();
         for w in self.workloads_by_ip.values() {
             let local = w.node.as_deref().is_none_or(|n| n == node);
-            if w.captured && local && w.netns.is_some() {
+            if w.captured && local {
                 seen.entry((w.namespace.clone(), w.name.clone())).or_insert_with(|| w.clone());
             }
         }
         seen.into_values().collect()
+    }
+}
+
+impl State {
+    /// Whether `namespace/name` is known and definitely not in the mesh: a known pod that is not
+    /// captured, or an unknown pod in a known namespace that is not enrolled. Unknown pods in
+    /// unknown or ambient namespaces are undecided (the API may simply not have shown them yet).
+    pub fn known_not_captured(&self, namespace: &str, name: &str) -> bool {
+        if let Some(w) = self.workloads_by_ip.values().find(|w| w.namespace == namespace && w.name == name) {
+            return !w.captured;
+        }
+        self.namespaces
+            .get(namespace)
+            .is_some_and(|labels| labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) != Some(DATAPLANE_MODE_AMBIENT))
     }
 }
 

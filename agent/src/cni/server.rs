@@ -20,7 +20,7 @@ use super::registry::{Enrollment, PodNetns, PodNetnsRegistry, Source};
 
 /// Default socket path, in the host's view and the agent's (the DaemonSet mounts the directory
 /// at the same path).
-pub const DEFAULT_SOCKET: &str = "/var/run/weft/cni.sock";
+pub const DEFAULT_SOCKET: &str = crate::config::DEFAULT_CNI_SOCKET;
 /// How long an ADD waits for a verdict when the plugin does not say.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(10);
 /// Upper bound on any ADD's wait, whatever the plugin asks for.

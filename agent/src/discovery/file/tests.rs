@@ -290,13 +290,14 @@ fn realistic_mesh_parses_into_the_expected_state() {
     );
     assert!(state.namespaces["istio-system"].is_empty());
 
-    // What this node serves: captured, with a netns, on node-a or unpinned; name order.
-    let local: Vec<String> = state
+    // What this node serves: captured, on node-a or unpinned, in (namespace, name) order; only
+    // the client has a netns yet (the agent waits for the other's, e.g. from the CNI plugin).
+    let local: Vec<(String, bool)> = state
         .local_captured("node-a")
         .iter()
-        .map(|w| w.name.clone())
+        .map(|w| (w.name.clone(), w.netns.is_some()))
         .collect();
-    assert_eq!(local, ["client"]);
+    assert_eq!(local, [("httpbin-0".to_string(), false), ("client".to_string(), true)]);
 
     // Policies came through compiled.
     let p = &state.policies;
