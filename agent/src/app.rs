@@ -173,7 +173,7 @@ fn cert_manager(config: &Config) -> Result<Arc<CertManager>, Error> {
             }
             let signer = GrpcSigner::new(GrpcSignerConfig {
                 address: address.clone(),
-                server_name: None,
+                server_name: config.ca_server_name.clone(),
                 roots: roots.clone(),
                 token_path: token_path.clone(),
                 timeout: grpc::DEFAULT_TIMEOUT,

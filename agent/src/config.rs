@@ -80,6 +80,10 @@ pub struct NodeArgs {
     /// Cluster mode: the CA's gRPC address.
     #[arg(long, default_value = DEFAULT_CA_ADDRESS)]
     pub ca_address: String,
+    /// Cluster mode: the name the CA's TLS certificate must carry, when it differs from the host
+    /// of --ca-address (e.g. dialling the CA by IP).
+    #[arg(long)]
+    pub ca_server_name: Option<String>,
     /// Cluster mode: PEM file with the mesh root certificate(s) the CA's TLS certificate chains to
     /// (the `weft-ca-root-cert` ConfigMap, mounted).
     #[arg(long, default_value = DEFAULT_CA_ROOT_CERT)]
@@ -137,6 +141,8 @@ pub struct NodeArgs {
 pub struct Config {
     pub source: Source,
     pub ca: CaMode,
+    /// Cluster mode: TLS name expected of the CA instead of the --ca-address host.
+    pub ca_server_name: Option<String>,
     /// Cluster mode: where the CNI plugin reaches the agent.
     pub cni_socket: PathBuf,
     pub node_name: String,
@@ -197,6 +203,7 @@ impl Config {
         Ok(Config {
             source,
             ca,
+            ca_server_name: a.ca_server_name,
             cni_socket: a.cni_socket,
             node_name: a.node_name,
             trust_domain: a.trust_domain,
