@@ -43,7 +43,9 @@ fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp
 impl Admin {
     fn route(&self, path: &str) -> Response<Body> {
         match path {
-            "/metrics" | "/stats/prometheus" => reply(StatusCode::OK, "text/plain; version=0.0.4", self.metrics.encode()),
+            "/metrics" | "/stats/prometheus" => {
+                reply(StatusCode::OK, "text/plain; version=0.0.4", self.metrics.encode())
+            }
             "/healthz/ready" => {
                 if self.ready.load(Ordering::Acquire) {
                     reply(StatusCode::OK, "text/plain", "ready\n")
@@ -61,7 +63,11 @@ impl Admin {
                     .collect();
                 reply(StatusCode::OK, "application/json", serde_json::to_string_pretty(&certs).unwrap_or_default())
             }
-            _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found; try /metrics, /healthz/ready, /config_dump, /certs\n"),
+            _ => reply(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "not found; try /metrics, /healthz/ready, /config_dump, /certs\n",
+            ),
         }
     }
 

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
 
 use crate::admin::Admin;
 use crate::cni::{self, PodNetnsRegistry};
@@ -164,7 +164,8 @@ fn cert_manager(config: &Config) -> Result<Arc<CertManager>, Error> {
         }
         CaMode::Remote { address, root_cert, token_path } => {
             let what = || format!("{address} (root {})", root_cert.display());
-            let pem = std::fs::read(root_cert).map_err(|e| Error::CaRoot { path: root_cert.clone(), reason: e.to_string() })?;
+            let pem = std::fs::read(root_cert)
+                .map_err(|e| Error::CaRoot { path: root_cert.clone(), reason: e.to_string() })?;
             let roots: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
                 .collect::<Result<_, _>>()
                 .map_err(|e| Error::CaRoot { path: root_cert.clone(), reason: e.to_string() })?;

@@ -270,11 +270,9 @@ mod tests {
         assert!(e.contains("--trust-domain"), "{e}");
         let e = args(&["--cert-ttl-secs", "5"]).unwrap_err().to_string();
         assert!(e.contains("--cert-ttl-secs"), "{e}");
-        let e = Config::from_node_args(
-            Cli::parse_from(["weft", "--config", "/nonexistent/mesh.yaml"]).node,
-        )
-        .unwrap_err()
-        .to_string();
+        let e = Config::from_node_args(Cli::parse_from(["weft", "--config", "/nonexistent/mesh.yaml"]).node)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/nonexistent/mesh.yaml"), "{e}");
     }
 }

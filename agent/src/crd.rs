@@ -11,7 +11,7 @@
 pub mod security;
 
 pub use security::{
-    Action, AuthorizationPolicy, AuthorizationPolicySpec, Condition, ExtensionProvider, MtlsMode,
-    MutualTls, Operation, PeerAuthentication, PeerAuthenticationSpec, PolicyTargetReference, Rule,
-    RuleFrom, RuleTo, Source, WorkloadSelector,
+    Action, AuthorizationPolicy, AuthorizationPolicySpec, Condition, ExtensionProvider, MtlsMode, MutualTls, Operation,
+    PeerAuthentication, PeerAuthenticationSpec, PolicyTargetReference, Rule, RuleFrom, RuleTo, Source,
+    WorkloadSelector,
 };

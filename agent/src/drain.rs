@@ -56,11 +56,7 @@ impl Drain {
     pub async fn drain_and_wait(&self, deadline: Duration) -> usize {
         self.token.cancel();
         self.tracker.close();
-        if tokio::time::timeout(deadline, self.tracker.wait()).await.is_ok() {
-            0
-        } else {
-            self.tracker.len()
-        }
+        if tokio::time::timeout(deadline, self.tracker.wait()).await.is_ok() { 0 } else { self.tracker.len() }
     }
 }
 

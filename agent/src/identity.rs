@@ -39,20 +39,13 @@ impl Identity {
         namespace: impl Into<String>,
         service_account: impl Into<String>,
     ) -> Self {
-        Self {
-            trust_domain: trust_domain.into(),
-            namespace: namespace.into(),
-            service_account: service_account.into(),
-        }
+        Self { trust_domain: trust_domain.into(), namespace: namespace.into(), service_account: service_account.into() }
     }
 
     /// Istio's `principal` form, as written in AuthorizationPolicy `source.principals`:
     /// `cluster.local/ns/NS/sa/SA` (the SPIFFE ID without its scheme).
     pub fn principal(&self) -> String {
-        format!(
-            "{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
+        format!("{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
     }
 
     /// Whether every part is well formed, so that `to_string()` parses back to `self`.
@@ -75,40 +68,25 @@ impl FromStr for Identity {
     /// letters, digits, `.`, `-`, `_`); namespace and service account are single path segments of
     /// letters, digits, `.`, `-`, `_` (a superset of Kubernetes names), never `.` or `..`.
     fn from_str(input: &str) -> Result<Self, Error> {
-        let bad = |reason: &str| Error::InvalidSpiffeId {
-            input: input.to_owned(),
-            reason: reason.to_owned(),
-        };
-        let rest = input
-            .strip_prefix(SPIFFE_SCHEME)
-            .ok_or_else(|| bad("it must start with spiffe://"))?;
+        let bad = |reason: &str| Error::InvalidSpiffeId { input: input.to_owned(), reason: reason.to_owned() };
+        let rest = input.strip_prefix(SPIFFE_SCHEME).ok_or_else(|| bad("it must start with spiffe://"))?;
         let parts: Vec<&str> = rest.split('/').collect();
         let [td, ns_kw, ns, sa_kw, sa] = parts.as_slice() else {
-            return Err(bad(
-                "expected exactly spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE_ACCOUNT",
-            ));
+            return Err(bad("expected exactly spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE_ACCOUNT"));
         };
         if *ns_kw != "ns" || *sa_kw != "sa" {
-            return Err(bad(
-                "expected exactly spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE_ACCOUNT",
-            ));
+            return Err(bad("expected exactly spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE_ACCOUNT"));
         }
         if td.is_empty()
-            || !td.bytes().all(|b| {
-                b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
-            })
+            || !td.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
         {
-            return Err(bad(
-                "the trust domain must be non-empty lowercase letters, digits, '.', '-' or '_'",
-            ));
+            return Err(bad("the trust domain must be non-empty lowercase letters, digits, '.', '-' or '_'"));
         }
         for (what, seg) in [("namespace", ns), ("service account", sa)] {
             let ok = !seg.is_empty()
                 && *seg != "."
                 && *seg != ".."
-                && seg
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+                && seg.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
             if !ok {
                 return Err(bad(&format!(
                     "the {what} must be non-empty letters, digits, '.', '-' or '_' (and not '.' or '..')"
@@ -125,9 +103,7 @@ pub enum Error {
     #[error("{input:?} is not a workload SPIFFE ID: {reason}")]
     InvalidSpiffeId { input: String, reason: String },
 
-    #[error(
-        "CA file {path}: {source}; check that the state directory exists and is writable by the agent"
-    )]
+    #[error("CA file {path}: {source}; check that the state directory exists and is writable by the agent")]
     CaIo {
         path: PathBuf,
         #[source]
@@ -148,19 +124,12 @@ pub enum Error {
     #[error(
         "refusing to sign: the CSR asks for {requested:?} but the caller is {identity}; the CSR must carry exactly one URI SAN equal to the caller's SPIFFE ID"
     )]
-    CsrIdentityMismatch {
-        requested: Vec<String>,
-        identity: String,
-    },
+    CsrIdentityMismatch { requested: Vec<String>, identity: String },
 
     #[error(
         "identity {identity} is in trust domain {got:?} but this mesh uses {want:?}; fix the trust domain in the config or the request"
     )]
-    WrongTrustDomain {
-        identity: String,
-        got: String,
-        want: String,
-    },
+    WrongTrustDomain { identity: String, got: String, want: String },
 
     #[error("refusing to sign for {identity}: {reason}")]
     InvalidRequest { identity: String, reason: String },
@@ -178,9 +147,7 @@ pub enum Error {
     )]
     SignerFailed { identity: String, reason: String },
 
-    #[error(
-        "the peer presented no certificate; HBONE requires mutual TLS with a workload certificate"
-    )]
+    #[error("the peer presented no certificate; HBONE requires mutual TLS with a workload certificate")]
     NoPeerCertificate,
 
     #[error("the peer certificate carries no usable SPIFFE identity: {reason}")]
@@ -201,15 +168,9 @@ mod tests {
     fn display_and_parse_round_trip() {
         let id = Identity::new("cluster.local", "default", "bookinfo-productpage");
         let s = id.to_string();
-        assert_eq!(
-            s,
-            "spiffe://cluster.local/ns/default/sa/bookinfo-productpage"
-        );
+        assert_eq!(s, "spiffe://cluster.local/ns/default/sa/bookinfo-productpage");
         assert_eq!(s.parse::<Identity>().unwrap(), id);
-        assert_eq!(
-            id.principal(),
-            "cluster.local/ns/default/sa/bookinfo-productpage"
-        );
+        assert_eq!(id.principal(), "cluster.local/ns/default/sa/bookinfo-productpage");
         id.validate().unwrap();
 
         let other = Identity::new("example.org", "kube-system", "a.b_c");
@@ -240,16 +201,9 @@ mod tests {
         for input in bad {
             let err = input.parse::<Identity>().expect_err(input);
             let msg = err.to_string();
-            assert!(
-                matches!(err, Error::InvalidSpiffeId { .. }),
-                "{input}: {msg}"
-            );
+            assert!(matches!(err, Error::InvalidSpiffeId { .. }), "{input}: {msg}");
             assert!(msg.contains("not a workload SPIFFE ID"), "{input}: {msg}");
         }
-        assert!(
-            Identity::new("cluster.local", "a/b", "c")
-                .validate()
-                .is_err()
-        );
+        assert!(Identity::new("cluster.local", "a/b", "c").validate().is_err());
     }
 }

@@ -32,7 +32,8 @@ impl Netns {
     pub fn open(path_or_name: impl AsRef<Path>) -> io::Result<Self> {
         let p = path_or_name.as_ref();
         let path = if p.is_absolute() { p.to_path_buf() } else { Path::new(NAMED_NETNS_DIR).join(p) };
-        let file = File::open(&path).map_err(|e| io::Error::new(e.kind(), format!("open netns {}: {e}", path.display())))?;
+        let file =
+            File::open(&path).map_err(|e| io::Error::new(e.kind(), format!("open netns {}: {e}", path.display())))?;
         let mut ns = Netns { file, path, cookie: 0 };
         ns.cookie = ns.run(current_netns_cookie)??;
         Ok(ns)

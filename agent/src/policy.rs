@@ -148,32 +148,17 @@ impl Policies {
         for w in &warnings {
             tracing::warn!(warning = %w, "policy only partly enforceable at L4");
         }
-        (
-            Policies {
-                mesh,
-                by_namespace,
-                peer,
-                warnings,
-            },
-            errors,
-        )
+        (Policies { mesh, by_namespace, peer, warnings }, errors)
     }
 
     /// The mTLS mode of `port` on a workload with these labels in `dest_namespace`.
-    pub fn mtls_mode(
-        &self,
-        dest_namespace: &str,
-        dest_labels: &BTreeMap<String, String>,
-        port: u16,
-    ) -> MtlsMode {
+    pub fn mtls_mode(&self, dest_namespace: &str, dest_labels: &BTreeMap<String, String>, port: u16) -> MtlsMode {
         self.peer.mtls_mode(dest_namespace, dest_labels, port)
     }
 
     /// Decides one inbound connection.
     pub fn authorize(&self, c: &Connection<'_>) -> Decision {
-        let principal = c
-            .source_principal
-            .map(|p| p.strip_prefix("spiffe://").unwrap_or(p));
+        let principal = c.source_principal.map(|p| p.strip_prefix("spiffe://").unwrap_or(p));
         let parts = principal.and_then(split_principal);
         let peer = Peer {
             principal,
@@ -188,25 +173,13 @@ impl Policies {
         let applicable = || {
             self.mesh
                 .iter()
-                .chain(
-                    self.by_namespace
-                        .get(c.dest_namespace)
-                        .into_iter()
-                        .flatten(),
-                )
+                .chain(self.by_namespace.get(c.dest_namespace).into_iter().flatten())
                 .filter(|p| p.selects(c.dest_labels))
         };
-        if let Some(deny) = applicable()
-            .filter(|p| p.effect == Effect::Deny)
-            .find(|p| p.matches(&peer))
-        {
-            return Decision::Deny {
-                policy: deny.key.clone(),
-            };
+        if let Some(deny) = applicable().filter(|p| p.effect == Effect::Deny).find(|p| p.matches(&peer)) {
+            return Decision::Deny { policy: deny.key.clone() };
         }
-        let mut allows = applicable()
-            .filter(|p| p.effect == Effect::Allow)
-            .peekable();
+        let mut allows = applicable().filter(|p| p.effect == Effect::Allow).peekable();
         if allows.peek().is_none() {
             return Decision::Allow;
         }
@@ -217,9 +190,7 @@ impl Policies {
             }
             tried.push(p.key.as_str());
         }
-        Decision::Deny {
-            policy: tried.join(","),
-        }
+        Decision::Deny { policy: tried.join(",") }
     }
 
     /// What Istio accepts but L4 enforcement cannot honour as written, one line per finding.
@@ -246,14 +217,7 @@ impl Policies {
 /// `td/ns/NS/sa/SA` → (td, NS, SA).
 fn split_principal(p: &str) -> Option<(&str, &str, &str)> {
     let mut it = p.split('/');
-    match (
-        it.next(),
-        it.next(),
-        it.next(),
-        it.next(),
-        it.next(),
-        it.next(),
-    ) {
+    match (it.next(), it.next(), it.next(), it.next(), it.next(), it.next()) {
         (Some(td), Some("ns"), Some(ns), Some("sa"), Some(sa), None) => Some((td, ns, sa)),
         _ => None,
     }

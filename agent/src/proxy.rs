@@ -127,7 +127,12 @@ impl Proxy {
     }
 
     /// Binds the pod's listeners inside its network namespace and starts serving them.
-    pub fn start_pod(self: &Arc<Self>, workload: Arc<Workload>, netns: Arc<Netns>, parent: &Drain) -> Result<PodHandle, Error> {
+    pub fn start_pod(
+        self: &Arc<Self>,
+        workload: Arc<Workload>,
+        netns: Arc<Netns>,
+        parent: &Drain,
+    ) -> Result<PodHandle, Error> {
         let pod = Arc::new(Pod { workload, netns });
         let listen = |addr: SocketAddr, dual: bool| {
             socket::listen_in(&pod.netns, addr, dual).map_err(|source| Error::Listen { pod: pod.name(), addr, source })
@@ -147,10 +152,14 @@ impl Proxy {
         let drain = parent.child();
         for l in std::iter::once(out4).chain(out6).map(Arc::new) {
             let (p, pod) = (self.clone(), pod.clone());
-            drain.spawn(accept_loop(l, drain.clone(), move |tcp, peer, d| outbound::handle(p.clone(), pod.clone(), tcp, peer, d)));
+            drain.spawn(accept_loop(l, drain.clone(), move |tcp, peer, d| {
+                outbound::handle(p.clone(), pod.clone(), tcp, peer, d)
+            }));
         }
         let (p, pd) = (self.clone(), pod.clone());
-        drain.spawn(accept_loop(Arc::new(hbone), drain.clone(), move |tcp, peer, d| inbound::handle_hbone(p.clone(), pd.clone(), tcp, peer, d)));
+        drain.spawn(accept_loop(Arc::new(hbone), drain.clone(), move |tcp, peer, d| {
+            inbound::handle_hbone(p.clone(), pd.clone(), tcp, peer, d)
+        }));
         let (p, pd) = (self.clone(), pod.clone());
         drain.spawn(accept_loop(plain.clone(), drain.clone(), move |tcp, peer, d| {
             inbound::handle_plaintext(p.clone(), pd.clone(), tcp, peer, d)
@@ -204,7 +213,9 @@ fn peer_labels(w: &Workload) -> metrics::Peer {
         namespace: w.namespace.clone(),
         principal: w.identity.to_string(),
         app: label("app").or_else(|| label("app.kubernetes.io/name")).unwrap_or_else(|| metrics::UNKNOWN.into()),
-        version: label("version").or_else(|| label("app.kubernetes.io/version")).unwrap_or_else(|| metrics::UNKNOWN.into()),
+        version: label("version")
+            .or_else(|| label("app.kubernetes.io/version"))
+            .unwrap_or_else(|| metrics::UNKNOWN.into()),
         canonical_service: label("service.istio.io/canonical-name")
             .or_else(|| label("app.kubernetes.io/name"))
             .or_else(|| label("app"))

@@ -49,7 +49,10 @@ const SK_LOOKUP_LINK_PREFIX: &str = "link_sk_lookup_";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("bpffs is not mounted at {} and mounting it failed: {source}; run `mount -t bpf bpf /sys/fs/bpf` as root", sys::BPFFS_ROOT)]
+    #[error(
+        "bpffs is not mounted at {} and mounting it failed: {source}; run `mount -t bpf bpf /sys/fs/bpf` as root",
+        sys::BPFFS_ROOT
+    )]
     MountBpffs { source: nix::Error },
     #[error("{} is not on a bpf filesystem; choose a pin directory on bpffs (default {DEFAULT_PIN_DIR})", path.display())]
     NotBpffs { path: PathBuf },
@@ -57,7 +60,9 @@ pub enum Error {
     Io { what: &'static str, path: PathBuf, source: io::Error },
     #[error("loading the eBPF object failed (needs root, CAP_BPF + CAP_NET_ADMIN, Linux >= 5.15): {0}")]
     Load(#[from] aya::EbpfError),
-    #[error("eBPF object has no program {0}: ebpf/weft.bpf.o and this agent are out of step; run `cargo xtask build-ebpf`")]
+    #[error(
+        "eBPF object has no program {0}: ebpf/weft.bpf.o and this agent are out of step; run `cargo xtask build-ebpf`"
+    )]
     MissingProgram(&'static str),
     #[error("eBPF object has no map {0}: ebpf/weft.bpf.o and this agent are out of step; run `cargo xtask build-ebpf`")]
     MissingMap(&'static str),
@@ -121,7 +126,11 @@ impl Redirect {
     /// Mounts bpffs if needed.
     pub fn load(opts: &Options) -> Result<Self, Error> {
         sys::ensure_bpffs(&opts.pin_dir).map_err(|source| Error::MountBpffs { source })?;
-        fs::create_dir_all(&opts.pin_dir).map_err(|source| Error::Io { what: "creating pin directory", path: opts.pin_dir.clone(), source })?;
+        fs::create_dir_all(&opts.pin_dir).map_err(|source| Error::Io {
+            what: "creating pin directory",
+            path: opts.pin_dir.clone(),
+            source,
+        })?;
         if !sys::is_bpffs(&opts.pin_dir) {
             return Err(Error::NotBpffs { path: opts.pin_dir.clone() });
         }
@@ -132,7 +141,8 @@ impl Redirect {
             .load(OBJECT)?;
         let counters = Arc::new(Counters::default());
         let logger = EbpfLogger::init_with_logger(&mut ebpf, TracingLog { counters: counters.clone() })?;
-        let events = RingBuf::try_from(take_map(&mut ebpf, map::EVENTS)?).map_err(|source| Error::Map { name: map::EVENTS, source })?;
+        let events = RingBuf::try_from(take_map(&mut ebpf, map::EVENTS)?)
+            .map_err(|source| Error::Map { name: map::EVENTS, source })?;
 
         let cgroup = File::open(&opts.cgroup).map_err(|source| Error::Io {
             what: "opening cgroup (point Options::cgroup at the cgroup2 mount)",
@@ -145,7 +155,8 @@ impl Redirect {
             pin_program(&opts.pin_dir, name, |p| prog.pin(p))?;
             let prog_fd = owned_fd(prog.fd().map_err(|source| Error::Program { name, source })?)?;
             adopt_or_attach(&opts.pin_dir, name, prog_fd.as_fd(), || {
-                let id = prog.attach(&cgroup, CgroupAttachMode::Single).map_err(|source| Error::Program { name, source })?;
+                let id =
+                    prog.attach(&cgroup, CgroupAttachMode::Single).map_err(|source| Error::Program { name, source })?;
                 let link = prog.take_link(id).map_err(|source| Error::Program { name, source })?;
                 FdLink::try_from(link).map_err(|source| Error::Link { name, source })
             })?;
@@ -157,7 +168,8 @@ impl Redirect {
             pin_program(&opts.pin_dir, name, |p| prog.pin(p))?;
             let prog_fd = owned_fd(prog.fd().map_err(|source| Error::Program { name, source })?)?;
             adopt_or_attach(&opts.pin_dir, name, prog_fd.as_fd(), || {
-                let id = prog.attach(&cgroup, CgroupAttachMode::Single).map_err(|source| Error::Program { name, source })?;
+                let id =
+                    prog.attach(&cgroup, CgroupAttachMode::Single).map_err(|source| Error::Program { name, source })?;
                 let link = prog.take_link(id).map_err(|source| Error::Program { name, source })?;
                 FdLink::try_from(link).map_err(|source| Error::Link { name, source })
             })?;
@@ -171,10 +183,14 @@ impl Redirect {
             readopt_sk_lookup_links(&opts.pin_dir, prog_fd)?;
         }
 
-        let enrolled = HashMap::try_from(take_map(&mut ebpf, map::ENROLLED)?).map_err(|source| Error::Map { name: map::ENROLLED, source })?;
-        let pod_ips = HashMap::try_from(take_map(&mut ebpf, map::POD_IPS)?).map_err(|source| Error::Map { name: map::POD_IPS, source })?;
-        let inbound = SockHash::try_from(take_map(&mut ebpf, map::INBOUND)?).map_err(|source| Error::Map { name: map::INBOUND, source })?;
-        let orig_dst = HashMap::try_from(take_map(&mut ebpf, map::ORIG_DST)?).map_err(|source| Error::Map { name: map::ORIG_DST, source })?;
+        let enrolled = HashMap::try_from(take_map(&mut ebpf, map::ENROLLED)?)
+            .map_err(|source| Error::Map { name: map::ENROLLED, source })?;
+        let pod_ips = HashMap::try_from(take_map(&mut ebpf, map::POD_IPS)?)
+            .map_err(|source| Error::Map { name: map::POD_IPS, source })?;
+        let inbound = SockHash::try_from(take_map(&mut ebpf, map::INBOUND)?)
+            .map_err(|source| Error::Map { name: map::INBOUND, source })?;
+        let orig_dst = HashMap::try_from(take_map(&mut ebpf, map::ORIG_DST)?)
+            .map_err(|source| Error::Map { name: map::ORIG_DST, source })?;
         let redirect = Redirect {
             pin_dir: opts.pin_dir.clone(),
             control: Mutex::new(Control { enrolled, pod_ips, inbound, ebpf }),
@@ -190,7 +206,12 @@ impl Redirect {
     /// Enrolls a pod: its netns cookie into the enrolled map, its IPs + inbound listener into
     /// the sk_lookup sockhash, sk_lookup attached (pinned link per netns). Idempotent; after an
     /// agent restart it replaces the (dead) socket with the new listener.
-    pub fn enroll(&self, netns: &crate::netns::Netns, pod_ips: &[IpAddr], inbound_listener: BorrowedFd<'_>) -> Result<(), Error> {
+    pub fn enroll(
+        &self,
+        netns: &crate::netns::Netns,
+        pod_ips: &[IpAddr],
+        inbound_listener: BorrowedFd<'_>,
+    ) -> Result<(), Error> {
         let cookie = netns.cookie();
         let mut c = self.lock();
         // Inbound first: a pod IP is only marked enrolled (fail closed) once its listener is in
@@ -229,7 +250,11 @@ impl Redirect {
             ignore_missing(c.inbound.remove(&key), map::INBOUND)?;
         }
         let link_path = self.sk_lookup_link_path(netns_cookie);
-        sys::detach_and_unpin(&link_path).map_err(|source| Error::Io { what: "detaching sk_lookup link", path: link_path, source })?;
+        sys::detach_and_unpin(&link_path).map_err(|source| Error::Io {
+            what: "detaching sk_lookup link",
+            path: link_path,
+            source,
+        })?;
         tracing::info!(netns_cookie, ?pod_ips, "pod unenrolled from the redirect");
         Ok(())
     }
@@ -249,7 +274,10 @@ impl Redirect {
 
     /// Forwards aya-log lines and ring-buffer events into `tracing` until `shutdown` resolves.
     /// Only the first call forwards; later ones log a warning and return at once.
-    pub fn spawn_log_forwarding(self: &Arc<Self>, shutdown: impl Future<Output = ()> + Send + 'static) -> tokio::task::JoinHandle<()> {
+    pub fn spawn_log_forwarding(
+        self: &Arc<Self>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
         let sources = self.sources.lock().unwrap_or_else(|e| e.into_inner()).take();
         let counters = self.counters.clone();
         tokio::spawn(async move {
@@ -275,15 +303,28 @@ impl Redirect {
             Err(source) => return Err(Error::Io { what: "reading pin directory", path: dir.clone(), source }),
         };
         for entry in entries {
-            let path = entry.map_err(|source| Error::Io { what: "reading pin directory", path: dir.clone(), source })?.path();
+            let path =
+                entry.map_err(|source| Error::Io { what: "reading pin directory", path: dir.clone(), source })?.path();
             let is_link = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(LINK_PREFIX));
             if is_link {
-                sys::detach_and_unpin(&path).map_err(|source| Error::Io { what: "detaching link", path: path.clone(), source })?;
+                sys::detach_and_unpin(&path).map_err(|source| Error::Io {
+                    what: "detaching link",
+                    path: path.clone(),
+                    source,
+                })?;
             } else {
-                fs::remove_file(&path).map_err(|source| Error::Io { what: "removing pin", path: path.clone(), source })?;
+                fs::remove_file(&path).map_err(|source| Error::Io {
+                    what: "removing pin",
+                    path: path.clone(),
+                    source,
+                })?;
             }
         }
-        fs::remove_dir(dir).map_err(|source| Error::Io { what: "removing pin directory", path: dir.clone(), source })?;
+        fs::remove_dir(dir).map_err(|source| Error::Io {
+            what: "removing pin directory",
+            path: dir.clone(),
+            source,
+        })?;
         tracing::info!(pin_dir = %dir.display(), "eBPF redirect removed");
         Ok(())
     }
@@ -300,9 +341,11 @@ impl Redirect {
 
 /// A second handle on a program fd, so the program can be attached while it is held.
 fn owned_fd(fd: &impl AsFd) -> Result<OwnedFd, Error> {
-    fd.as_fd()
-        .try_clone_to_owned()
-        .map_err(|source| Error::Io { what: "duplicating program fd", path: PathBuf::new(), source })
+    fd.as_fd().try_clone_to_owned().map_err(|source| Error::Io {
+        what: "duplicating program fd",
+        path: PathBuf::new(),
+        source,
+    })
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Error> {
@@ -318,7 +361,11 @@ where
 }
 
 /// Replaces the program pin (bpftool shows the live program; old ones go with their links).
-fn pin_program(dir: &Path, name: &'static str, pin: impl FnOnce(&Path) -> Result<(), aya::pin::PinError>) -> Result<(), Error> {
+fn pin_program(
+    dir: &Path,
+    name: &'static str,
+    pin: impl FnOnce(&Path) -> Result<(), aya::pin::PinError>,
+) -> Result<(), Error> {
     let path = dir.join(format!("{PROG_PREFIX}{name}"));
     match fs::remove_file(&path) {
         Ok(()) => {}
@@ -345,7 +392,11 @@ fn adopt_or_attach(
             }
             Err(e) => {
                 tracing::warn!(program = name, link = %path.display(), error = %e, "pinned link unusable; attaching a new one");
-                fs::remove_file(&path).map_err(|source| Error::Io { what: "removing stale link pin", path: path.clone(), source })?;
+                fs::remove_file(&path).map_err(|source| Error::Io {
+                    what: "removing stale link pin",
+                    path: path.clone(),
+                    source,
+                })?;
             }
         }
     }
@@ -357,14 +408,22 @@ fn adopt_or_attach(
 /// Points every pinned per-netns sk_lookup link at the new program; drops links whose netns
 /// is gone (the kernel answers ENOLINK).
 fn readopt_sk_lookup_links(dir: &Path, prog: BorrowedFd<'_>) -> Result<(), Error> {
-    let entries = fs::read_dir(dir).map_err(|source| Error::Io { what: "reading pin directory", path: dir.to_path_buf(), source })?;
+    let entries = fs::read_dir(dir).map_err(|source| Error::Io {
+        what: "reading pin directory",
+        path: dir.to_path_buf(),
+        source,
+    })?;
     for entry in entries.flatten() {
         let file_name = entry.file_name();
         let Some(cookie) = file_name.to_str().and_then(|n| n.strip_prefix(SK_LOOKUP_LINK_PREFIX)) else { continue };
         let path = entry.path();
         if let Err(e) = sys::update_pinned_link(&path, prog) {
             tracing::warn!(netns_cookie = cookie, error = %e, "sk_lookup link of a vanished netns removed");
-            fs::remove_file(&path).map_err(|source| Error::Io { what: "removing stale link pin", path: path.clone(), source })?;
+            fs::remove_file(&path).map_err(|source| Error::Io {
+                what: "removing stale link pin",
+                path: path.clone(),
+                source,
+            })?;
         }
     }
     Ok(())

@@ -163,7 +163,16 @@ impl Agent {
     pub fn ready_status(&self) -> Option<u16> {
         let out = process::run(
             "curl",
-            &["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2", &format!("http://{}/healthz/ready", self.opts.ready_addr)],
+            &[
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "2",
+                &format!("http://{}/healthz/ready", self.opts.ready_addr),
+            ],
             Duration::from_secs(5),
         )
         .ok()?;
@@ -173,7 +182,8 @@ impl Agent {
     /// Raw Prometheus text from `/metrics`.
     pub fn metrics_text(&self) -> Result<String> {
         let url = format!("http://{}/metrics", self.opts.metrics_addr);
-        let out = process::run_ok("curl", &["-sS", "--fail", "--max-time", "5", &url], Duration::from_secs(10)).context("scrape agent metrics")?;
+        let out = process::run_ok("curl", &["-sS", "--fail", "--max-time", "5", &url], Duration::from_secs(10))
+            .context("scrape agent metrics")?;
         Ok(out.stdout)
     }
 
@@ -244,7 +254,11 @@ impl Drop for Agent {
             let _ = bg.stop_with(Signal::SIGTERM, Duration::from_secs(10));
         }
         if std::thread::panicking() {
-            eprintln!("===== agent log ({}) =====\n{}\n===== end of agent log =====", self.log.display(), tail(&self.log(), LOG_TAIL));
+            eprintln!(
+                "===== agent log ({}) =====\n{}\n===== end of agent log =====",
+                self.log.display(),
+                tail(&self.log(), LOG_TAIL)
+            );
         }
     }
 }
@@ -259,7 +273,8 @@ pub fn ensure_bpffs() -> Result<()> {
         return Ok(());
     }
     std::fs::create_dir_all("/sys/fs/bpf").ok();
-    process::run_ok("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"], Duration::from_secs(10)).context("mount bpffs on /sys/fs/bpf")?;
+    process::run_ok("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"], Duration::from_secs(10))
+        .context("mount bpffs on /sys/fs/bpf")?;
     Ok(())
 }
 

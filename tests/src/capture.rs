@@ -27,8 +27,14 @@ impl Capture {
         // -U and --immediate-mode: hand each packet to the file as it arrives (libpcap otherwise
         // buffers whole blocks, and SIGINT drops them), so stopping loses nothing; -Z root: tcpdump would
         // otherwise drop to its own user and fail to create the file in a root-owned directory.
-        let mut bg = Background::spawn(&format!("tcpdump {iface}"), "tcpdump", &["-i", iface, "-w", &p, "-U", "--immediate-mode", "-n", "-s", "0", "-Z", "root"], &log, Io::Log)
-            .context("start tcpdump (`cargo xtask test` installs it)")?;
+        let mut bg = Background::spawn(
+            &format!("tcpdump {iface}"),
+            "tcpdump",
+            &["-i", iface, "-w", &p, "-U", "--immediate-mode", "-n", "-s", "0", "-Z", "root"],
+            &log,
+            Io::Log,
+        )
+        .context("start tcpdump (`cargo xtask test` installs it)")?;
         bg.wait_for_log(|l| l.contains("listening on"), Duration::from_secs(10))?;
         Ok(Capture { bg, path: path.to_path_buf(), iface: iface.to_string() })
     }
@@ -40,7 +46,13 @@ impl Capture {
         self.bg.stop_with(Signal::SIGINT, Duration::from_secs(10))?;
         let bytes = std::fs::read(&self.path).with_context(|| format!("read capture {}", self.path.display()))?;
         if bytes.len() < 24 {
-            bail!("capture {} on {} is not a pcap file ({} bytes); tcpdump log:\n{}", self.path.display(), self.iface, bytes.len(), self.bg.log());
+            bail!(
+                "capture {} on {} is not a pcap file ({} bytes); tcpdump log:\n{}",
+                self.path.display(),
+                self.iface,
+                bytes.len(),
+                self.bg.log()
+            );
         }
         Ok(Captured { path: self.path.clone(), bytes })
     }

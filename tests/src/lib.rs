@@ -72,7 +72,11 @@ pub fn serial(limit: Duration) -> anyhow::Result<SerialGuard> {
 pub fn target_profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let dir = exe.parent().expect("exe has a parent").to_path_buf();
-    if dir.file_name().is_some_and(|n| n == "deps") { dir.parent().expect("deps has a parent").to_path_buf() } else { dir }
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("deps has a parent").to_path_buf()
+    } else {
+        dir
+    }
 }
 
 /// The agent binary: `$WEFT_BIN`, else `weft` beside this executable's profile dir.
@@ -149,6 +153,12 @@ mod tests {
         assert!(r.is_none());
         assert!(t.elapsed() < Duration::from_secs(2));
         let mut n = 0;
-        assert_eq!(poll(Duration::from_secs(5), Duration::from_millis(1), || { n += 1; (n == 3).then_some(n) }), Some(3));
+        assert_eq!(
+            poll(Duration::from_secs(5), Duration::from_millis(1), || {
+                n += 1;
+                (n == 3).then_some(n)
+            }),
+            Some(3)
+        );
     }
 }

@@ -24,14 +24,20 @@ pub fn render(topo: &Topology, extra: &[String]) -> Result<String> {
         }
         docs.push(json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": meta }));
     }
-    let mut sas: Vec<(&str, &str)> = topo.pods().iter().map(|p| (p.spec.namespace.as_str(), p.spec.service_account.as_str())).collect();
+    let mut sas: Vec<(&str, &str)> =
+        topo.pods().iter().map(|p| (p.spec.namespace.as_str(), p.spec.service_account.as_str())).collect();
     sas.sort();
     sas.dedup();
     for (ns, sa) in sas {
         docs.push(json!({ "apiVersion": "v1", "kind": "ServiceAccount", "metadata": { "name": sa, "namespace": ns } }));
     }
     for p in topo.pods() {
-        let ports: Vec<Value> = p.spec.ports.iter().map(|(name, port)| json!({ "name": name, "containerPort": port, "protocol": "TCP" })).collect();
+        let ports: Vec<Value> = p
+            .spec
+            .ports
+            .iter()
+            .map(|(name, port)| json!({ "name": name, "containerPort": port, "protocol": "TCP" }))
+            .collect();
         docs.push(json!({
             "apiVersion": "v1",
             "kind": "Pod",
@@ -112,7 +118,14 @@ mod tests {
 
     #[test]
     fn policy_documents_are_valid_yaml_in_istio_shape() {
-        let v: Value = serde_yaml_ng::from_str(&authorization_policy("demo", "allow-client", "server", "ALLOW", &[principal("demo", "client")])).unwrap();
+        let v: Value = serde_yaml_ng::from_str(&authorization_policy(
+            "demo",
+            "allow-client",
+            "server",
+            "ALLOW",
+            &[principal("demo", "client")],
+        ))
+        .unwrap();
         assert_eq!(v["kind"], "AuthorizationPolicy");
         assert_eq!(v["spec"]["selector"]["matchLabels"]["app"], "server");
         assert_eq!(v["spec"]["rules"][0]["from"][0]["source"]["principals"][0], "cluster.local/ns/demo/sa/client");

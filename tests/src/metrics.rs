@@ -25,9 +25,9 @@ impl Metrics {
 
     /// Samples named `name` whose labels include every `(key, value)` of `want`.
     pub fn find<'a>(&'a self, name: &'a str, want: &'a [(&'a str, &'a str)]) -> impl Iterator<Item = &'a Sample> + 'a {
-        self.samples
-            .iter()
-            .filter(move |s| s.name == name && want.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v)))
+        self.samples.iter().filter(move |s| {
+            s.name == name && want.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
     }
 
     /// Sum of the matching samples' values (0 when none match).
@@ -113,7 +113,13 @@ process_start_time_seconds 12
         assert_eq!(dest.len(), 1);
         assert_eq!(dest[0].value, 3.0);
         assert_eq!(dest[0].labels["source_principal"], "spiffe://cluster.local/ns/demo/sa/client");
-        assert_eq!(m.sum("istio_tcp_connections_opened_total", &[("source_principal", "spiffe://cluster.local/ns/demo/sa/client")]), 5.0);
+        assert_eq!(
+            m.sum(
+                "istio_tcp_connections_opened_total",
+                &[("source_principal", "spiffe://cluster.local/ns/demo/sa/client")]
+            ),
+            5.0
+        );
         let sent = m.find("istio_tcp_sent_bytes_total", &[]).next().unwrap();
         assert_eq!(sent.value, 1500.0);
         assert_eq!(sent.labels["weird"], r#"a "quoted" \ value, with {brace}"#);

@@ -135,7 +135,10 @@ pub fn serve(kind: Server, port: u16, lifetime: Duration, max_conns: u64) -> Res
         };
         let kind = kind.clone();
         std::thread::spawn(move || {
-            let peer = stream.peer_addr().map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()).to_string()).unwrap_or_default();
+            let peer = stream
+                .peer_addr()
+                .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()).to_string())
+                .unwrap_or_default();
             if let Err(e) = handle(kind, stream, &peer) {
                 eprintln!("connection from {peer}: {e:#}");
             }

@@ -169,7 +169,11 @@ impl Background {
         io: Io,
     ) -> Result<Self> {
         let line = cmdline(program, args);
-        let file = File::options().create(true).append(true).open(log).with_context(|| format!("open log {}", log.display()))?;
+        let file = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("open log {}", log.display()))?;
         let mut cmd = Command::new(program);
         cmd.args(args).envs(env.iter().copied()).stderr(file.try_clone()?).process_group(0);
         match io {
@@ -242,7 +246,8 @@ impl Background {
     /// Reads the next stdout line (only with [`Io::Piped`]), waiting at most `limit`.
     pub fn recv_line(&mut self, limit: Duration) -> Result<String> {
         let rx = self.stdout_lines.as_ref().context("process was not started with Io::Piped")?;
-        rx.recv_timeout(limit).map_err(|e| anyhow::anyhow!("no line from {} within {limit:?} ({e}); log:\n{}", self.name, self.log()))
+        rx.recv_timeout(limit)
+            .map_err(|e| anyhow::anyhow!("no line from {} within {limit:?} ({e}); log:\n{}", self.name, self.log()))
     }
 
     /// Waits until `pred` holds for a line of the log file, up to `limit`.

@@ -37,11 +37,27 @@ pub fn demo(name: &str) -> TopologyBuilder {
         .namespace(MESH_NS, Mode::Ambient)
         .namespace(LEGACY_NS, Mode::Plain)
         .pod(PodSpec::new("client", MESH_NS).sa("client"))
-        .pod(PodSpec::new("server-v1", MESH_NS).sa("server").label("app", "server").label("version", "v1").port("http", SERVER_TARGET_PORT))
-        .pod(PodSpec::new("server-v2", MESH_NS).sa("server").label("app", "server").label("version", "v2").port("http", SERVER_TARGET_PORT))
+        .pod(
+            PodSpec::new("server-v1", MESH_NS)
+                .sa("server")
+                .label("app", "server")
+                .label("version", "v1")
+                .port("http", SERVER_TARGET_PORT),
+        )
+        .pod(
+            PodSpec::new("server-v2", MESH_NS)
+                .sa("server")
+                .label("app", "server")
+                .label("version", "v2")
+                .port("http", SERVER_TARGET_PORT),
+        )
         .pod(PodSpec::new("intruder", MESH_NS).sa("intruder"))
         .pod(PodSpec::new("legacy", LEGACY_NS).sa("legacy").port("http", SERVER_TARGET_PORT))
-        .service(ServiceSpec::new("server", MESH_NS, SERVER_VIP).port(SERVER_PORT, SERVER_TARGET_PORT).selector("app", "server"))
+        .service(
+            ServiceSpec::new("server", MESH_NS, SERVER_VIP)
+                .port(SERVER_PORT, SERVER_TARGET_PORT)
+                .selector("app", "server"),
+        )
 }
 
 /// `http://10.96.0.10/`.
@@ -63,7 +79,13 @@ pub fn peer_auth(mode: &str) -> String {
 /// the mesh namespace.
 pub fn server_policy(action: &str, sas: &[&str]) -> String {
     let principals: Vec<String> = sas.iter().map(|sa| mesh::principal(MESH_NS, sa)).collect();
-    mesh::authorization_policy(MESH_NS, &format!("server-{}", action.to_ascii_lowercase()), "server", action, &principals)
+    mesh::authorization_policy(
+        MESH_NS,
+        &format!("server-{}", action.to_ascii_lowercase()),
+        "server",
+        action,
+        &principals,
+    )
 }
 
 /// curl `url` from `from`; Ok(body) when it answered with a body starting `hello from`.

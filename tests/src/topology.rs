@@ -80,7 +80,13 @@ pub struct ServiceSpec {
 
 impl ServiceSpec {
     pub fn new(name: &str, namespace: &str, cluster_ip: &str) -> Self {
-        ServiceSpec { name: name.into(), namespace: namespace.into(), cluster_ip: cluster_ip.into(), ports: Vec::new(), selector: BTreeMap::new() }
+        ServiceSpec {
+            name: name.into(),
+            namespace: namespace.into(),
+            cluster_ip: cluster_ip.into(),
+            ports: Vec::new(),
+            selector: BTreeMap::new(),
+        }
     }
     pub fn port(mut self, port: u16, target_port: u16) -> Self {
         self.ports.push((port, target_port));
@@ -162,7 +168,17 @@ impl Pod {
     /// a capture can look for it.
     pub fn curl(&self, url: &str, marker: &str) -> Result<Output> {
         self.exec(
-            &["curl", "-sS", "--connect-timeout", "5", "--max-time", "10", "-H", &format!("X-Weft-Marker: {marker}"), url],
+            &[
+                "curl",
+                "-sS",
+                "--connect-timeout",
+                "5",
+                "--max-time",
+                "10",
+                "-H",
+                &format!("X-Weft-Marker: {marker}"),
+                url,
+            ],
             Duration::from_secs(15),
         )
     }
@@ -203,16 +219,26 @@ impl TopologyBuilder {
         require_root();
         let TopologyBuilder { name, prefix, namespaces, pods, services } = self;
         ensure!(
-            !name.is_empty() && name.len() <= MAX_NAME && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+            !name.is_empty()
+                && name.len() <= MAX_NAME
+                && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
             "topology name {name:?}: use 1..={MAX_NAME} of [a-z0-9] (it becomes part of 15-byte interface names)"
         );
         ensure!(pods.len() <= 99, "at most 99 pods per topology");
         for p in &pods {
-            ensure!(namespaces.contains_key(&p.namespace), "pod {} is in namespace {} which the topology does not declare", p.name, p.namespace);
+            ensure!(
+                namespaces.contains_key(&p.namespace),
+                "pod {} is in namespace {} which the topology does not declare",
+                p.name,
+                p.namespace
+            );
         }
         let guard = serial(Duration::from_secs(30 * 60))?;
         let index = subnet_index(&name);
-        let dir = std::env::var_os("WEFT_E2E_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp/weft-e2e")).join(&name);
+        let dir = std::env::var_os("WEFT_E2E_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/tmp/weft-e2e"))
+            .join(&name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         let created = pods
@@ -230,7 +256,17 @@ impl TopologyBuilder {
                 }
             })
             .collect();
-        let topo = Topology { bridge: format!("wt-{name}-br"), name, prefix, index, dir, namespaces, pods: created, services, _guard: guard };
+        let topo = Topology {
+            bridge: format!("wt-{name}-br"),
+            name,
+            prefix,
+            index,
+            dir,
+            namespaces,
+            pods: created,
+            services,
+            _guard: guard,
+        };
         topo.remove_kernel_objects();
         topo.create().with_context(|| format!("create topology {}", topo.name))?;
         Ok(topo)
@@ -254,7 +290,13 @@ pub struct Topology {
 impl Topology {
     /// Starts a topology named `name` (≤ 8 of [a-z0-9]; tests use their own name).
     pub fn builder(name: &str) -> TopologyBuilder {
-        TopologyBuilder { name: name.into(), prefix: "weft-t-".into(), namespaces: BTreeMap::new(), pods: Vec::new(), services: Vec::new() }
+        TopologyBuilder {
+            name: name.into(),
+            prefix: "weft-t-".into(),
+            namespaces: BTreeMap::new(),
+            pods: Vec::new(),
+            services: Vec::new(),
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -289,7 +331,10 @@ impl Topology {
 
     /// The pod named `name`; panics if the test did not declare it.
     pub fn pod(&self, name: &str) -> &Pod {
-        self.pods.iter().find(|p| p.spec.name == name).unwrap_or_else(|| panic!("no pod {name} in topology {}", self.name))
+        self.pods
+            .iter()
+            .find(|p| p.spec.name == name)
+            .unwrap_or_else(|| panic!("no pod {name} in topology {}", self.name))
     }
 
     /// Where the agent pins its eBPF objects for this topology.
@@ -317,7 +362,19 @@ impl Topology {
         ip(&["link", "add", br, "type", "bridge"])?;
         // With br_netfilter loaded the host's iptables FORWARD rules would filter bridged pod
         // traffic (Docker's default DROP policy, say); these pods are not the host's business.
-        ip(&["link", "set", br, "type", "bridge", "nf_call_iptables", "0", "nf_call_ip6tables", "0", "nf_call_arptables", "0"])?;
+        ip(&[
+            "link",
+            "set",
+            br,
+            "type",
+            "bridge",
+            "nf_call_iptables",
+            "0",
+            "nf_call_ip6tables",
+            "0",
+            "nf_call_arptables",
+            "0",
+        ])?;
         disable_ipv6(br);
         ip(&["link", "set", br, "up"])?;
         for p in &self.pods {

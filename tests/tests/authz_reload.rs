@@ -13,7 +13,9 @@ const SETTLE: Duration = Duration::from_secs(15);
 
 fn ping(chat: &mut Background, n: u32) {
     chat.send_line(&format!("still here {n}")).unwrap();
-    let back = chat.recv_line(Duration::from_secs(10)).unwrap_or_else(|e| panic!("long-lived echo session broke at ping {n}: {e:#}"));
+    let back = chat
+        .recv_line(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("long-lived echo session broke at ping {n}: {e:#}"));
     assert_eq!(back, format!("still here {n}"));
 }
 
@@ -27,7 +29,8 @@ fn reload_with(topo: &Topology, agent: &mut Agent, pid: Option<u32>, extra: &[St
 #[test]
 fn policies_apply_on_sighup_without_restart_and_sessions_survive() {
     require_root();
-    let topo = scenario::demo("authz").pod(PodSpec::new("echo", MESH_NS).sa("echo").port("echo", 7000)).build().unwrap();
+    let topo =
+        scenario::demo("authz").pod(PodSpec::new("echo", MESH_NS).sa("echo").port("echo", 7000)).build().unwrap();
     topo.write_mesh(&[]).unwrap();
     let (client, intruder, echo) = (topo.pod("client"), topo.pod("intruder"), topo.pod("echo"));
     let _s1 = topo.pod("server-v1").serve_http(8080).unwrap();
@@ -43,7 +46,11 @@ fn policies_apply_on_sighup_without_restart_and_sessions_survive() {
 
     // The unrelated session, opened through the mesh before any reload.
     let mut chat = client
-        .spawn("chat", &[probe_bin().display().to_string(), "chat".into(), "--to".into(), echo.addr(7000).to_string()], Io::Piped)
+        .spawn(
+            "chat",
+            &[probe_bin().display().to_string(), "chat".into(), "--to".into(), echo.addr(7000).to_string()],
+            Io::Piped,
+        )
         .unwrap();
     assert!(chat.recv_line(Duration::from_secs(10)).unwrap().starts_with("connected"));
     ping(&mut chat, 0);

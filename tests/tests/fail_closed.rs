@@ -41,7 +41,8 @@ fn sigkill_fails_closed_and_a_restart_restores_traffic() {
     assert!(!w_legacy.contains(marker), "an enrolled pod sent plaintext to a plain pod with the agent dead");
 
     agent.restart().unwrap();
-    scenario::eventually_get(client, &scenario::server_url(), Duration::from_secs(15)).expect("VIP traffic after restart");
+    scenario::eventually_get(client, &scenario::server_url(), Duration::from_secs(15))
+        .expect("VIP traffic after restart");
     scenario::get(client, &scenario::pod_url(v1, 8080), "m").expect("pod IP traffic after restart");
     let out = scenario::get_fails(legacy, &scenario::pod_url(v1, 8080), "m").unwrap();
     assert!(scenario::refused(&out), "STRICT after restart: {out}");

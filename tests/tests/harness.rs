@@ -47,7 +47,8 @@ fn plain_pods_pass_traffic_and_the_capture_sees_the_marker() {
 #[test]
 fn unrouted_addresses_fail_fast_and_stay_on_the_bridge() {
     require_root();
-    let topo = Topology::builder("hunroute").namespace("plain", Mode::Plain).pod(PodSpec::new("a", "plain")).build().unwrap();
+    let topo =
+        Topology::builder("hunroute").namespace("plain", Mode::Plain).pod(PodSpec::new("a", "plain")).build().unwrap();
     // A service VIP without a mesh: nobody answers ARP for it, so curl fails and nothing leaves.
     let out = topo.pod("a").curl("http://10.96.0.10/", "m").unwrap();
     assert!(!out.success(), "VIP reachable without a mesh? {out}");
@@ -68,7 +69,9 @@ fn probes_move_data_intact_both_ways_between_pods() {
     let _sink = b.serve("sink", &["sink", "--port", "9000"]).unwrap();
     let _source = b.serve("source", &["source", "--port", "9001", "--bytes", &n.to_string()]).unwrap();
 
-    let out = a.probe(&["send", "--to", &b.addr(9000).to_string(), "--bytes", &n.to_string()], Duration::from_secs(60)).unwrap();
+    let out = a
+        .probe(&["send", "--to", &b.addr(9000).to_string(), "--bytes", &n.to_string()], Duration::from_secs(60))
+        .unwrap();
     assert!(out.success(), "{out}");
     let kv = parse_kv(&out.stdout);
     assert_eq!(kv["sent_sha256"], expected_sha256(n));
@@ -82,7 +85,13 @@ fn probes_move_data_intact_both_ways_between_pods() {
 
     // A long-lived session through stdin/stdout.
     let _echo = b.serve("echo", &["echo", "--port", "7000"]).unwrap();
-    let mut chat = a.spawn("chat", &[weft_tests::probe_bin().display().to_string(), "chat".into(), "--to".into(), b.addr(7000).to_string()], weft_tests::process::Io::Piped).unwrap();
+    let mut chat = a
+        .spawn(
+            "chat",
+            &[weft_tests::probe_bin().display().to_string(), "chat".into(), "--to".into(), b.addr(7000).to_string()],
+            weft_tests::process::Io::Piped,
+        )
+        .unwrap();
     assert!(chat.recv_line(Duration::from_secs(10)).unwrap().starts_with("connected"));
     for i in 0..3 {
         chat.send_line(&format!("ping {i}")).unwrap();
@@ -126,7 +135,8 @@ fn drop_removes_everything_and_build_clears_stale_leftovers() {
 fn drop_cleans_up_after_a_panic() {
     require_root();
     let r = std::panic::catch_unwind(|| {
-        let _topo = Topology::builder("hpanic").namespace("p", Mode::Plain).pod(PodSpec::new("a", "p")).build().unwrap();
+        let _topo =
+            Topology::builder("hpanic").namespace("p", Mode::Plain).pod(PodSpec::new("a", "p")).build().unwrap();
         assert!(exists_netns("weft-t-hpanic-a"));
         panic!("deliberate");
     });
@@ -150,7 +160,8 @@ fn generated_mesh_yaml_is_accepted_by_the_agents_file_parser() {
         node_name: "weft-hyaml".into(),
         root_namespace: "istio-system".into(),
     };
-    let state = weft::discovery::file::load(&path, &opts).unwrap_or_else(|e| panic!("agent rejects the harness's mesh.yaml: {e}"));
+    let state = weft::discovery::file::load(&path, &opts)
+        .unwrap_or_else(|e| panic!("agent rejects the harness's mesh.yaml: {e}"));
     let client = state.workload_by_ip(topo.pod("client").ipv4.into()).expect("client workload");
     assert!(client.captured, "client in the ambient namespace must be captured");
     assert_eq!(client.service_account, "client");

@@ -37,13 +37,30 @@ fn connect_from(netns: &str, to: SocketAddr) -> tokio::net::TcpStream {
 struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
 
 impl ServerCertVerifier for AnyServer {
-    fn verify_server_cert(&self, _: &CertificateDer<'_>, _: &[CertificateDer<'_>], _: &ServerName<'_>, _: &[u8], _: UnixTime) -> Result<ServerCertVerified, rustls::Error> {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
         Ok(ServerCertVerified::assertion())
     }
-    fn verify_tls12_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
     }
-    fn verify_tls13_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -85,7 +102,12 @@ fn rogue_client_cert() -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)
 type Tunnel = (http::StatusCode, h2::SendStream<Bytes>, h2::RecvStream);
 
 /// TLS + HTTP/2 CONNECT to `authority` over `tcp`; `Err` says where it was refused.
-async fn hbone_connect(tcp: tokio::net::TcpStream, server: IpAddr, cfg: Arc<ClientConfig>, authority: &str) -> Result<Tunnel, String> {
+async fn hbone_connect(
+    tcp: tokio::net::TcpStream,
+    server: IpAddr,
+    cfg: Arc<ClientConfig>,
+    authority: &str,
+) -> Result<Tunnel, String> {
     let tls = tokio_rustls::TlsConnector::from(cfg)
         .connect(ServerName::IpAddress(server.into()), tcp)
         .await
@@ -115,7 +137,8 @@ fn status_of(r: &Result<Result<Tunnel, String>, tokio::time::error::Elapsed>) ->
 fn mesh_client_cert(topo: &Topology) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
     let state = topo.dir().join("state");
     let read = |f: &str| {
-        std::fs::read_to_string(state.join(f)).unwrap_or_else(|e| panic!("{}/{f}: {e} (where does local mode keep its CA root now?)", state.display()))
+        std::fs::read_to_string(state.join(f))
+            .unwrap_or_else(|e| panic!("{}/{f}: {e} (where does local mode keep its CA root now?)", state.display()))
     };
     let ca_key = rcgen::KeyPair::from_pem(&read("ca-key.pem")).unwrap();
     let ca_pem = read("ca-cert.pem");
@@ -134,13 +157,17 @@ fn ping(chat: &mut Background, n: u32) {
 }
 
 fn requests_logged(topo: &Topology) -> usize {
-    weft_tests::read_lossy(&topo.dir().join("server-v1-http8080.log")).lines().filter(|l| l.starts_with("http request")).count()
+    weft_tests::read_lossy(&topo.dir().join("server-v1-http8080.log"))
+        .lines()
+        .filter(|l| l.starts_with("http request"))
+        .count()
 }
 
 #[test]
 fn garbage_on_15008_is_refused_while_a_mesh_connection_keeps_working() {
     require_root();
-    let topo = scenario::demo("garbage").pod(PodSpec::new("echo", MESH_NS).sa("echo").port("echo", 7000)).build().unwrap();
+    let topo =
+        scenario::demo("garbage").pod(PodSpec::new("echo", MESH_NS).sa("echo").port("echo", 7000)).build().unwrap();
     topo.write_mesh(&[]).unwrap();
     let (client, v1, legacy, echo) = (topo.pod("client"), topo.pod("server-v1"), topo.pod("legacy"), topo.pod("echo"));
     let _s1 = v1.serve_http(8080).unwrap();
@@ -149,7 +176,11 @@ fn garbage_on_15008_is_refused_while_a_mesh_connection_keeps_working() {
     let mut agent = Agent::start(&topo, AgentOptions::for_topology(&topo)).unwrap();
 
     let mut chat = client
-        .spawn("chat", &[probe_bin().display().to_string(), "chat".into(), "--to".into(), echo.addr(7000).to_string()], Io::Piped)
+        .spawn(
+            "chat",
+            &[probe_bin().display().to_string(), "chat".into(), "--to".into(), echo.addr(7000).to_string()],
+            Io::Piped,
+        )
         .unwrap();
     assert!(chat.recv_line(LIMIT).unwrap().starts_with("connected"));
     ping(&mut chat, 0);
@@ -162,10 +193,13 @@ fn garbage_on_15008_is_refused_while_a_mesh_connection_keeps_working() {
     // so the refusals below are about the credentials, not about this client.
     let body = rt.block_on(async {
         let tcp = connect_from(&legacy.netns, hbone);
-        let (status, mut tx, mut rx) = tokio::time::timeout(LIMIT, hbone_connect(tcp, v1.ipv4.into(), client_config(Some(mesh_client_cert(&topo))), &authority))
-            .await
-            .expect("positive control: no answer")
-            .unwrap_or_else(|e| panic!("positive control with a mesh certificate refused: {e}"));
+        let (status, mut tx, mut rx) = tokio::time::timeout(
+            LIMIT,
+            hbone_connect(tcp, v1.ipv4.into(), client_config(Some(mesh_client_cert(&topo))), &authority),
+        )
+        .await
+        .expect("positive control: no answer")
+        .unwrap_or_else(|e| panic!("positive control with a mesh certificate refused: {e}"));
         assert!(status.is_success(), "positive control: CONNECT answered {status}");
         tx.send_data(Bytes::from_static(b"GET / HTTP/1.1\r\nHost: v1\r\nConnection: close\r\n\r\n"), false).unwrap();
         let mut body = Vec::new();
@@ -186,7 +220,8 @@ fn garbage_on_15008_is_refused_while_a_mesh_connection_keeps_working() {
     // 1. Plain HTTP text: a CONNECT and a GET, no TLS at all.
     let got = rt.block_on(async {
         let mut tcp = connect_from(&legacy.netns, hbone);
-        let text = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        let text =
+            format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n");
         let _ = tcp.write_all(text.as_bytes()).await;
         let mut buf = Vec::new();
         let ended = tokio::time::timeout(LIMIT, async {
@@ -212,16 +247,28 @@ fn garbage_on_15008_is_refused_while_a_mesh_connection_keeps_working() {
         tokio::time::timeout(LIMIT, hbone_connect(tcp, v1.ipv4.into(), client_config(None), &authority)).await
     });
     eprintln!("TLS without a client certificate → {}", status_of(&r));
-    assert!(!matches!(&r, Ok(Ok((s, _, _))) if s.is_success()), "TLS without a client certificate got through: {}", status_of(&r));
+    assert!(
+        !matches!(&r, Ok(Ok((s, _, _))) if s.is_success()),
+        "TLS without a client certificate got through: {}",
+        status_of(&r)
+    );
     ping(&mut chat, 2);
 
     // 3. TLS with a certificate from another root that claims the client's identity.
     let r = rt.block_on(async {
         let tcp = connect_from(&legacy.netns, hbone);
-        tokio::time::timeout(LIMIT, hbone_connect(tcp, v1.ipv4.into(), client_config(Some(rogue_client_cert())), &authority)).await
+        tokio::time::timeout(
+            LIMIT,
+            hbone_connect(tcp, v1.ipv4.into(), client_config(Some(rogue_client_cert())), &authority),
+        )
+        .await
     });
     eprintln!("TLS with a foreign root's certificate → {}", status_of(&r));
-    assert!(!matches!(&r, Ok(Ok((s, _, _))) if s.is_success()), "a certificate from a foreign root got through: {}", status_of(&r));
+    assert!(
+        !matches!(&r, Ok(Ok((s, _, _))) if s.is_success()),
+        "a certificate from a foreign root got through: {}",
+        status_of(&r)
+    );
 
     assert_eq!(requests_logged(&topo), served_before, "garbage reached the server app");
     ping(&mut chat, 3);

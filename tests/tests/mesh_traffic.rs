@@ -13,9 +13,13 @@ use weft_tests::{Agent, AgentOptions, Capture, PodSpec, ServiceSpec, poll, requi
 #[test]
 fn client_reaches_server_by_vip_and_pod_ip_with_no_plaintext_on_the_wire() {
     require_root();
-    let topo = scenario::demo("mtraffic").pod(PodSpec::new("legacy-client", scenario::LEGACY_NS).sa("legacy")).build().unwrap();
+    let topo = scenario::demo("mtraffic")
+        .pod(PodSpec::new("legacy-client", scenario::LEGACY_NS).sa("legacy"))
+        .build()
+        .unwrap();
     topo.write_mesh(&[]).unwrap();
-    let (client, v1, v2, legacy) = (topo.pod("client"), topo.pod("server-v1"), topo.pod("server-v2"), topo.pod("legacy"));
+    let (client, v1, v2, legacy) =
+        (topo.pod("client"), topo.pod("server-v1"), topo.pod("server-v2"), topo.pod("legacy"));
     let _s1 = v1.serve_http(8080).unwrap();
     let _s2 = v2.serve_http(8080).unwrap();
     let _sl = legacy.serve_http(8080).unwrap();
@@ -39,9 +43,18 @@ fn client_reaches_server_by_vip_and_pod_ip_with_no_plaintext_on_the_wire() {
     assert!(answered_by.iter().all(|n| n.starts_with("server-v")), "{answered_by:?}");
     for w in [&w1, &w2] {
         assert!(!w.contains(marker), "plaintext marker on the wire in {}", w.path.display());
-        assert_eq!(w.count("tcp port 8080").unwrap(), 0, "app port visible on the wire in {}: not tunnelled", w.path.display());
+        assert_eq!(
+            w.count("tcp port 8080").unwrap(),
+            0,
+            "app port visible on the wire in {}: not tunnelled",
+            w.path.display()
+        );
     }
-    assert!(w1.count("tcp dst port 15008").unwrap() > 0, "no HBONE (15008) packets to server-v1 in {}", w1.path.display());
+    assert!(
+        w1.count("tcp dst port 15008").unwrap() > 0,
+        "no HBONE (15008) packets to server-v1 in {}",
+        w1.path.display()
+    );
 
     // Control: the same request between plain pods shows the marker, so the capture works.
     let cap = Capture::start(&legacy.veth, &topo.dir().join("legacy.pcap")).unwrap();
@@ -70,7 +83,8 @@ fn client_reaches_server_by_vip_and_pod_ip_with_no_plaintext_on_the_wire() {
 #[test]
 fn a_namespace_that_is_not_enrolled_is_not_redirected() {
     require_root();
-    let topo = scenario::demo("mplain").pod(PodSpec::new("legacy-client", scenario::LEGACY_NS).sa("legacy")).build().unwrap();
+    let topo =
+        scenario::demo("mplain").pod(PodSpec::new("legacy-client", scenario::LEGACY_NS).sa("legacy")).build().unwrap();
     topo.write_mesh(&[]).unwrap();
     let (legacy, legacy_client) = (topo.pod("legacy"), topo.pod("legacy-client"));
     let _sl = legacy.serve_http(8080).unwrap();
@@ -81,7 +95,10 @@ fn a_namespace_that_is_not_enrolled_is_not_redirected() {
     let cap = Capture::start(&legacy.veth, &topo.dir().join("legacy.pcap")).unwrap();
     let body = scenario::get(legacy_client, &scenario::pod_url(legacy, 8080), marker).unwrap();
     let w = cap.stop().unwrap();
-    assert!(body.starts_with(&format!("hello from legacy peer={}:", legacy_client.ipv4)), "source address rewritten: {body}");
+    assert!(
+        body.starts_with(&format!("hello from legacy peer={}:", legacy_client.ipv4)),
+        "source address rewritten: {body}"
+    );
     assert!(w.contains(marker), "plain traffic should be plaintext on the wire");
     assert!(w.count("tcp dst port 8080").unwrap() > 0);
     assert_eq!(w.count("tcp port 15008").unwrap(), 0, "plain pods must not be tunnelled");
@@ -97,7 +114,9 @@ fn one_gib_each_way_arrives_intact() {
     const GIB: u64 = 1 << 30;
     let topo = scenario::demo("mbulk")
         .pod(PodSpec::new("bulk", MESH_NS).sa("bulk").port("sink", 9000).port("source", 9001))
-        .service(ServiceSpec::new("bulk", MESH_NS, "10.96.0.11").port(9000, 9000).port(9001, 9001).selector("app", "bulk"))
+        .service(
+            ServiceSpec::new("bulk", MESH_NS, "10.96.0.11").port(9000, 9000).port(9001, 9001).selector("app", "bulk"),
+        )
         .build()
         .unwrap();
     topo.write_mesh(&[]).unwrap();
@@ -106,7 +125,9 @@ fn one_gib_each_way_arrives_intact() {
     let _source = bulk.serve("source", &["source", "--port", "9001", "--bytes", &GIB.to_string()]).unwrap();
     let agent = Agent::start(&topo, AgentOptions::for_topology(&topo)).unwrap();
 
-    let up = client.probe(&["send", "--to", "10.96.0.11:9000", "--bytes", &GIB.to_string()], Duration::from_secs(600)).unwrap();
+    let up = client
+        .probe(&["send", "--to", "10.96.0.11:9000", "--bytes", &GIB.to_string()], Duration::from_secs(600))
+        .unwrap();
     assert!(up.success(), "{up}");
     let kv = parse_kv(&up.stdout);
     assert_eq!(kv["sent_sha256"], expected_sha256(GIB));
@@ -126,5 +147,9 @@ fn one_gib_each_way_arrives_intact() {
         let bytes = m.sum("istio_tcp_sent_bytes_total", &want) + m.sum("istio_tcp_received_bytes_total", &want);
         (bytes >= 2.0 * GIB as f64).then_some(())
     });
-    assert!(counted.is_some(), "destination metrics count under 2 GiB for the client; metrics:\n{}", agent.metrics_text().unwrap_or_default());
+    assert!(
+        counted.is_some(),
+        "destination metrics count under 2 GiB for the client; metrics:\n{}",
+        agent.metrics_text().unwrap_or_default()
+    );
 }

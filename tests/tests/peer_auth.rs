@@ -5,7 +5,10 @@ use weft_tests::scenario;
 use weft_tests::{Agent, AgentOptions, Topology, require_root};
 
 fn requests_logged(topo: &Topology, pod: &str) -> usize {
-    weft_tests::read_lossy(&topo.dir().join(format!("{pod}-http8080.log"))).lines().filter(|l| l.starts_with("http request")).count()
+    weft_tests::read_lossy(&topo.dir().join(format!("{pod}-http8080.log")))
+        .lines()
+        .filter(|l| l.starts_with("http request"))
+        .count()
 }
 
 #[test]

@@ -65,7 +65,13 @@ impl Setup {
 
 pub fn l4(args: Args) -> Result<()> {
     sys::require_root("bench l4")?;
-    sys::ensure_tools(&[("ip", "iproute2"), ("iperf3", "iperf3"), ("iptables", "iptables"), ("curl", "curl"), ("mount", "mount")])?;
+    sys::ensure_tools(&[
+        ("ip", "iproute2"),
+        ("iperf3", "iperf3"),
+        ("iptables", "iptables"),
+        ("curl", "curl"),
+        ("mount", "mount"),
+    ])?;
     println!("building weft and weft-probe (release)…");
     let (weft, probe) = sys::build_binaries(true)?;
     weft_tests::use_probe_bin(probe);
@@ -98,7 +104,14 @@ pub fn l4(args: Args) -> Result<()> {
     Ok(())
 }
 
-fn measure_setup(setup: Setup, topo: &Topology, client: &Pod, server: &Pod, weft: &PathBuf, args: &Args) -> Result<Row> {
+fn measure_setup(
+    setup: Setup,
+    topo: &Topology,
+    client: &Pod,
+    server: &Pod,
+    weft: &PathBuf,
+    args: &Args,
+) -> Result<Row> {
     let agent = match setup {
         Setup::NoMesh => None,
         Setup::Ebpf | Setup::Iptables => {
@@ -114,8 +127,31 @@ fn measure_setup(setup: Setup, topo: &Topology, client: &Pod, server: &Pod, weft
         }
     };
     if setup == Setup::Iptables {
-        let rule = ["iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "!", "-d", "127.0.0.0/8", "-m", "mark", "!", "--mark", AGENT_MARK, "-j", "REDIRECT", "--to-ports", "15001"];
-        client.exec(&rule, Duration::from_secs(10))?.ok().context("install the iptables REDIRECT rule in the client pod")?;
+        let rule = [
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "!",
+            "-d",
+            "127.0.0.0/8",
+            "-m",
+            "mark",
+            "!",
+            "--mark",
+            AGENT_MARK,
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15001",
+        ];
+        client
+            .exec(&rule, Duration::from_secs(10))?
+            .ok()
+            .context("install the iptables REDIRECT rule in the client pod")?;
     }
     let pid = agent.as_ref().and_then(|a| a.pid());
     std::thread::sleep(Duration::from_secs(1));
@@ -129,7 +165,9 @@ fn measure_setup(setup: Setup, topo: &Topology, client: &Pod, server: &Pod, weft
 
     let limit = Duration::from_secs(d + 60);
     let target = server.addr(ECHO_PORT).to_string();
-    let out = client.probe(&["rr", "--to", &target, "--rate", &args.rate.to_string(), "--duration", &d.to_string()], limit)?.ok()?;
+    let out = client
+        .probe(&["rr", "--to", &target, "--rate", &args.rate.to_string(), "--duration", &d.to_string()], limit)?
+        .ok()?;
     let kv = parse_kv(&out.stdout);
     row.p50_us = num(&kv, "p50_us")?;
     row.p99_us = num(&kv, "p99_us")?;
@@ -145,26 +183,46 @@ fn measure_setup(setup: Setup, topo: &Topology, client: &Pod, server: &Pod, weft
         // The agent leaves its eBPF programs pinned (pods fail closed); the next setup must start
         // from a node without them, or the iptables path would measure the eBPF one.
         let pins = topo.bpf_pin_dir().display().to_string();
-        weft_tests::process::run_ok(&weft.display().to_string(), &["uninstall", "--bpf-pin-dir", &pins], Duration::from_secs(30))
-            .context("weft uninstall between setups")?;
+        weft_tests::process::run_ok(
+            &weft.display().to_string(),
+            &["uninstall", "--bpf-pin-dir", &pins],
+            Duration::from_secs(30),
+        )
+        .context("weft uninstall between setups")?;
     }
     Ok(row)
 }
 
 fn num(kv: &std::collections::BTreeMap<String, String>, k: &str) -> Result<f64> {
-    kv.get(k).with_context(|| format!("probe output lacks {k}"))?.parse().with_context(|| format!("{k} is not a number"))
+    kv.get(k)
+        .with_context(|| format!("probe output lacks {k}"))?
+        .parse()
+        .with_context(|| format!("{k} is not a number"))
 }
 
 /// iperf3 throughput in Gbit/s (receiver side) with `streams` parallel streams.
 fn iperf(client: &Pod, server: &Pod, streams: u32, secs: u64) -> Result<f64> {
     let out = client
         .exec(
-            &["iperf3", "-c", &server.ipv4.to_string(), "-p", &IPERF_PORT.to_string(), "-t", &secs.to_string(), "-P", &streams.to_string(), "-J"],
+            &[
+                "iperf3",
+                "-c",
+                &server.ipv4.to_string(),
+                "-p",
+                &IPERF_PORT.to_string(),
+                "-t",
+                &secs.to_string(),
+                "-P",
+                &streams.to_string(),
+                "-J",
+            ],
             Duration::from_secs(secs + 30),
         )?
         .ok()?;
     let v: serde_json::Value = serde_json::from_str(&out.stdout).context("parse iperf3 -J output")?;
-    let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().with_context(|| format!("no end.sum_received in iperf3 output: {}", v["error"]))?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .with_context(|| format!("no end.sum_received in iperf3 output: {}", v["error"]))?;
     Ok(bps / 1e9)
 }
 
@@ -238,7 +296,11 @@ fn print_table(rows: &[(Setup, Result<Row>)]) {
                 Ok(row) => match get(row) {
                     None => "-".to_string(),
                     Some(v) => {
-                        let ratio = base.as_ref().and_then(get).filter(|b| *b > 0.0 && *s != Setup::NoMesh).map(|b| format!(" ({:.2}x)", v / b));
+                        let ratio = base
+                            .as_ref()
+                            .and_then(get)
+                            .filter(|b| *b > 0.0 && *s != Setup::NoMesh)
+                            .map(|b| format!(" ({:.2}x)", v / b));
                         format!("{v:.2}{}", ratio.unwrap_or_default())
                     }
                 },
@@ -247,5 +309,7 @@ fn print_table(rows: &[(Setup, Result<Row>)]) {
         }
         println!("{line}");
     }
-    println!("ratios are to the no-mesh column; latency ratios above 1 and throughput ratios below 1 are the mesh's cost");
+    println!(
+        "ratios are to the no-mesh column; latency ratios above 1 and throughput ratios below 1 are the mesh's cost"
+    );
 }

@@ -101,9 +101,15 @@ fn walk(r: &mut Report, weft: std::path::PathBuf) -> Result<()> {
         || {
             let topo = scenario::demo("demo").prefix("weft-").build()?;
             topo.write_mesh(&[scenario::peer_auth("STRICT"), scenario::server_policy("ALLOW", &["client"])])?;
-            let servers: Vec<Background> =
-                ["server-v1", "server-v2", "legacy"].iter().map(|p| topo.pod(p).serve_http(8080)).collect::<Result<_>>()?;
-            let pods: Vec<String> = topo.pods().iter().map(|p| format!("{}/{} {} ({})", p.spec.namespace, p.name(), p.ipv4, p.netns)).collect();
+            let servers: Vec<Background> = ["server-v1", "server-v2", "legacy"]
+                .iter()
+                .map(|p| topo.pod(p).serve_http(8080))
+                .collect::<Result<_>>()?;
+            let pods: Vec<String> = topo
+                .pods()
+                .iter()
+                .map(|p| format!("{}/{} {} ({})", p.spec.namespace, p.name(), p.ipv4, p.netns))
+                .collect();
             let detail = format!("pods: {}\nmesh.yaml: {}", pods.join(", "), topo.mesh_path().display());
             Ok(((topo, servers), detail))
         },
@@ -111,13 +117,16 @@ fn walk(r: &mut Report, weft: std::path::PathBuf) -> Result<()> {
         return Ok(());
     };
 
-    let Some(agent) = r.step("agent", "start `weft node --config mesh.yaml` as root and wait for /healthz/ready", || {
-        let mut opts = AgentOptions::for_topology(&topo).standard_ports();
-        opts.bin = weft.clone();
-        let agent = Agent::start(&topo, opts)?;
-        let detail = format!("agent pid {} ready; log: {}", agent.pid().unwrap_or_default(), agent.log_path().display());
-        Ok((agent, detail))
-    }) else {
+    let Some(agent) =
+        r.step("agent", "start `weft node --config mesh.yaml` as root and wait for /healthz/ready", || {
+            let mut opts = AgentOptions::for_topology(&topo).standard_ports();
+            opts.bin = weft.clone();
+            let agent = Agent::start(&topo, opts)?;
+            let detail =
+                format!("agent pid {} ready; log: {}", agent.pid().unwrap_or_default(), agent.log_path().display());
+            Ok((agent, detail))
+        })
+    else {
         return Ok(());
     };
 
@@ -135,7 +144,10 @@ fn walk(r: &mut Report, weft: std::path::PathBuf) -> Result<()> {
                 let body = scenario::get(client, &url, "demo")?;
                 seen.insert(body.split_whitespace().nth(2).unwrap_or_default().to_string());
             }
-            ensure!(seen.contains("server-v1") && seen.contains("server-v2"), "20 requests were answered only by {seen:?}");
+            ensure!(
+                seen.contains("server-v1") && seen.contains("server-v2"),
+                "20 requests were answered only by {seen:?}"
+            );
             Ok(((), format!("20 requests answered by {}", seen.into_iter().collect::<Vec<_>>().join(" and "))))
         },
     );
@@ -145,7 +157,10 @@ fn walk(r: &mut Report, weft: std::path::PathBuf) -> Result<()> {
         "tcpdump on the servers' veths while the client sends a secret marker: the wire carries only TLS on port 15008",
         || {
             let marker = "weft-demo-secret-7c1e";
-            let caps = [Capture::start(&v1.veth, &topo.dir().join("server-v1.pcap"))?, Capture::start(&v2.veth, &topo.dir().join("server-v2.pcap"))?];
+            let caps = [
+                Capture::start(&v1.veth, &topo.dir().join("server-v1.pcap"))?,
+                Capture::start(&v2.veth, &topo.dir().join("server-v2.pcap"))?,
+            ];
             for _ in 0..6 {
                 scenario::get(client, &url, marker)?;
             }
@@ -162,17 +177,25 @@ fn walk(r: &mut Report, weft: std::path::PathBuf) -> Result<()> {
         },
     );
 
-    r.step("strict", "legacy (not in the mesh) → server-v1:8080 in plaintext: refused, PeerAuthentication is STRICT", || {
-        let out = scenario::get_fails(legacy, &scenario::pod_url(v1, 8080), "plaintext")?;
-        ensure!(scenario::refused(&out), "expected a prompt refusal, got {out}");
-        Ok(((), format!("refused (curl exit {})", out.code.unwrap_or_default())))
-    });
+    r.step(
+        "strict",
+        "legacy (not in the mesh) → server-v1:8080 in plaintext: refused, PeerAuthentication is STRICT",
+        || {
+            let out = scenario::get_fails(legacy, &scenario::pod_url(v1, 8080), "plaintext")?;
+            ensure!(scenario::refused(&out), "expected a prompt refusal, got {out}");
+            Ok(((), format!("refused (curl exit {})", out.code.unwrap_or_default())))
+        },
+    );
 
-    r.step("policy", "intruder (in the mesh, sa intruder) → server: denied by the AuthorizationPolicy; client still allowed", || {
-        let out = scenario::get_fails(intruder, &url, "intruder")?;
-        scenario::get(client, &url, "client")?;
-        Ok(((), format!("intruder: curl exit {:?}; client: answered", out.code)))
-    });
+    r.step(
+        "policy",
+        "intruder (in the mesh, sa intruder) → server: denied by the AuthorizationPolicy; client still allowed",
+        || {
+            let out = scenario::get_fails(intruder, &url, "intruder")?;
+            scenario::get(client, &url, "client")?;
+            Ok(((), format!("intruder: curl exit {:?}; client: answered", out.code)))
+        },
+    );
 
     r.step("metrics", "the server side's agent reports Istio metrics carrying the client's SPIFFE identity", || {
         let client_id = spiffe(MESH_NS, "client");

@@ -74,7 +74,8 @@ fn bpf_linker() -> PathBuf {
 /// Installs the Debian compiler (with library sources and LLVM 22) and bpf-linker if missing.
 fn ensure_toolchain() -> anyhow::Result<()> {
     let objcopy = Path::new(LLVM_PREFIX).join("bin/llvm-objcopy");
-    let have_debian = [DEBIAN_RUSTC, DEBIAN_CARGO, DEBIAN_RUST_SRC].iter().all(|p| Path::new(p).exists()) && objcopy.exists();
+    let have_debian =
+        [DEBIAN_RUSTC, DEBIAN_CARGO, DEBIAN_RUST_SRC].iter().all(|p| Path::new(p).exists()) && objcopy.exists();
     if !have_debian {
         eprintln!("installing {} (needs root)", APT_PACKAGES.join(" "));
         run(Command::new("apt-get").arg("update"), "apt-get update")?;

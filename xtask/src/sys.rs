@@ -19,7 +19,9 @@ pub const TOOLS: &[(&str, &str)] = &[
 
 pub fn require_root(task: &str) -> Result<()> {
     if !nix_is_root() {
-        bail!("`cargo xtask {task}` needs root (network namespaces, veths, eBPF): run it as root, e.g. `sudo -E cargo xtask {task}`");
+        bail!(
+            "`cargo xtask {task}` needs root (network namespaces, veths, eBPF): run it as root, e.g. `sudo -E cargo xtask {task}`"
+        );
     }
     Ok(())
 }
@@ -28,7 +30,9 @@ fn nix_is_root() -> bool {
     // /proc/self/status "Uid: real effective saved fs": effective uid 0.
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0")))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
         .unwrap_or(false)
 }
 
@@ -85,7 +89,16 @@ pub fn cargo() -> Command {
     // `cargo xtask` would rebuild half the dependency tree.
     for (k, _) in std::env::vars_os() {
         let k = k.to_string_lossy();
-        if k.starts_with("CARGO_PKG_") || ["CARGO_MANIFEST_DIR", "CARGO_MANIFEST_PATH", "CARGO_CRATE_NAME", "CARGO_BIN_NAME", "CARGO_PRIMARY_PACKAGE"].contains(&&*k) {
+        if k.starts_with("CARGO_PKG_")
+            || [
+                "CARGO_MANIFEST_DIR",
+                "CARGO_MANIFEST_PATH",
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+            ]
+            .contains(&&*k)
+        {
             c.env_remove(&*k);
         }
     }
@@ -161,9 +174,15 @@ mod tests {
 
     #[test]
     fn parses_libtest_result_lines() {
-        let t = parse_test_result("test result: ok. 13 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 0.40s").unwrap();
+        let t = parse_test_result(
+            "test result: ok. 13 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 0.40s",
+        )
+        .unwrap();
         assert_eq!(t, Tally { passed: 13, failed: 0, ignored: 2 });
-        let t = parse_test_result("test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 5.53s").unwrap();
+        let t = parse_test_result(
+            "test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 5.53s",
+        )
+        .unwrap();
         assert_eq!(t, Tally { passed: 3, failed: 2, ignored: 0 });
         assert!(parse_test_result("running 5 tests").is_none());
     }

@@ -278,10 +278,7 @@ spec:
 "#;
         let ap: AuthorizationPolicy = serde_yaml_ng::from_str(yaml).unwrap();
         assert_eq!(ap.spec.action, Action::Deny);
-        assert_eq!(
-            ap.spec.selector.as_ref().unwrap().match_labels["app"],
-            "httpbin"
-        );
+        assert_eq!(ap.spec.selector.as_ref().unwrap().match_labels["app"], "httpbin");
         let rule = &ap.spec.rules[0];
         let src = rule.from[0].source.as_ref().unwrap();
         assert_eq!(src.principals, ["cluster.local/ns/demo/sa/curl"]);
@@ -291,10 +288,7 @@ spec:
         // Round trip keeps Istio's field names.
         let back = serde_json::to_value(&ap).unwrap();
         assert_eq!(back["apiVersion"], "security.istio.io/v1");
-        assert_eq!(
-            back["spec"]["rules"][0]["from"][0]["source"]["notIpBlocks"][0],
-            "10.0.0.0/8"
-        );
+        assert_eq!(back["spec"]["rules"][0]["from"][0]["source"]["notIpBlocks"][0], "10.0.0.0/8");
     }
 
     #[test]
@@ -310,17 +304,13 @@ spec:
         let de = serde_yaml_ng::Deserializer::from_str(yaml);
         let err = serde_path_to_error::deserialize::<_, AuthorizationPolicySpec>(de).unwrap_err();
         assert_eq!(err.path().to_string(), "rules[0].from[0].source.principal");
-        assert!(
-            err.inner()
-                .to_string()
-                .contains("unknown field `principal`"),
-            "{err}"
-        );
+        assert!(err.inner().to_string().contains("unknown field `principal`"), "{err}");
     }
 
     #[test]
     fn peer_authentication_port_keys_parse_from_yaml_and_json() {
-        let yaml = "selector: {matchLabels: {app: db}}\nmtls: {mode: STRICT}\nportLevelMtls:\n  5432: {mode: DISABLE}\n";
+        let yaml =
+            "selector: {matchLabels: {app: db}}\nmtls: {mode: STRICT}\nportLevelMtls:\n  5432: {mode: DISABLE}\n";
         let spec: PeerAuthenticationSpec = serde_yaml_ng::from_str(yaml).unwrap();
         assert_eq!(spec.mtls.unwrap().mode, MtlsMode::Strict);
         assert_eq!(spec.port_level_mtls[&5432].mode, MtlsMode::Disable);
@@ -331,40 +321,23 @@ spec:
 
     #[test]
     fn bad_mode_is_rejected() {
-        let err = serde_yaml_ng::from_str::<PeerAuthenticationSpec>("mtls: {mode: STRICTLY}\n")
-            .unwrap_err();
-        assert!(
-            err.to_string().contains("unknown variant `STRICTLY`"),
-            "{err}"
-        );
+        let err = serde_yaml_ng::from_str::<PeerAuthenticationSpec>("mtls: {mode: STRICTLY}\n").unwrap_err();
+        assert!(err.to_string().contains("unknown variant `STRICTLY`"), "{err}");
     }
 
     #[test]
     fn crds_have_istio_names() {
         let ap = AuthorizationPolicy::crd();
-        assert_eq!(
-            ap.metadata.name.as_deref(),
-            Some("authorizationpolicies.security.istio.io")
-        );
-        assert_eq!(
-            ap.spec.names.short_names.as_deref(),
-            Some(&["ap".to_owned()][..])
-        );
+        assert_eq!(ap.metadata.name.as_deref(), Some("authorizationpolicies.security.istio.io"));
+        assert_eq!(ap.spec.names.short_names.as_deref(), Some(&["ap".to_owned()][..]));
         assert_eq!(ap.spec.scope, "Namespaced");
         let pa = PeerAuthentication::crd();
-        assert_eq!(
-            pa.metadata.name.as_deref(),
-            Some("peerauthentications.security.istio.io")
-        );
+        assert_eq!(pa.metadata.name.as_deref(), Some("peerauthentications.security.istio.io"));
         // Structural schemas: no `additionalProperties: false` (kube strips the one deny_unknown_fields
         // adds), no `patternProperties`, no unresolved references.
         for crd in [&ap, &pa] {
             let schema = serde_json::to_string(&crd.spec.versions[0].schema).unwrap();
-            for bad in [
-                "\"additionalProperties\":false",
-                "patternProperties",
-                "$ref",
-            ] {
+            for bad in ["\"additionalProperties\":false", "patternProperties", "$ref"] {
                 assert!(!schema.contains(bad), "{bad} in {schema}");
             }
         }
@@ -381,10 +354,7 @@ spec:
             .properties
             .as_ref()
             .unwrap()["portLevelMtls"];
-        let items = plm
-            .additional_properties
-            .as_ref()
-            .expect("portLevelMtls values have a schema");
+        let items = plm.additional_properties.as_ref().expect("portLevelMtls values have a schema");
         let items = serde_json::to_value(items).unwrap();
         assert_eq!(
             items["properties"]["mode"]["enum"],

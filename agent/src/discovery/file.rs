@@ -70,13 +70,7 @@ pub enum FileError {
     },
 }
 
-fn describe(
-    file: &str,
-    doc: usize,
-    object: Option<&str>,
-    field: Option<&str>,
-    reason: &str,
-) -> String {
+fn describe(file: &str, doc: usize, object: Option<&str>, field: Option<&str>, reason: &str) -> String {
     let mut s = format!("{file}: document {doc}");
     if let Some(o) = object {
         s += &format!(" ({o})");
@@ -110,13 +104,8 @@ impl FileError {
 /// Parses a multi-document YAML file of Kubernetes-shaped objects into a State.
 pub fn load(path: &Path, opts: &FileOptions) -> Result<State, FileError> {
     let origin = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| FileError::Read {
-        file: origin.clone(),
-        source,
-    })?;
-    let text = String::from_utf8(bytes).map_err(|_| FileError::NotUtf8 {
-        file: origin.clone(),
-    })?;
+    let bytes = std::fs::read(path).map_err(|source| FileError::Read { file: origin.clone(), source })?;
+    let text = String::from_utf8(bytes).map_err(|_| FileError::NotUtf8 { file: origin.clone() })?;
     parse(&text, &origin, opts)
 }
 
@@ -143,16 +132,14 @@ fn read_documents(text: &str, file: &str) -> Result<Objects, FileError> {
     let mut objects = Objects::default();
     for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let doc = i + 1;
-        let invalid =
-            |object: Option<String>, field: Option<String>, reason: String| FileError::Invalid {
-                file: file.to_owned(),
-                doc,
-                object,
-                field,
-                reason,
-            };
-        let value = serde_yaml_ng::Value::deserialize(de)
-            .map_err(|e| invalid(None, None, format!("YAML: {e}")))?;
+        let invalid = |object: Option<String>, field: Option<String>, reason: String| FileError::Invalid {
+            file: file.to_owned(),
+            doc,
+            object,
+            field,
+            reason,
+        };
+        let value = serde_yaml_ng::Value::deserialize(de).map_err(|e| invalid(None, None, format!("YAML: {e}")))?;
         if value.is_null() {
             continue;
         }
@@ -166,14 +153,8 @@ fn read_documents(text: &str, file: &str) -> Result<Objects, FileError> {
         let text_field = |key: &str| -> Result<String, FileError> {
             match &value[key] {
                 serde_yaml_ng::Value::String(s) if !s.is_empty() => Ok(s.clone()),
-                serde_yaml_ng::Value::Null => {
-                    Err(invalid(None, Some(key.into()), "required".into()))
-                }
-                _ => Err(invalid(
-                    None,
-                    Some(key.into()),
-                    "must be a non-empty string".into(),
-                )),
+                serde_yaml_ng::Value::Null => Err(invalid(None, Some(key.into()), "required".into())),
+                _ => Err(invalid(None, Some(key.into()), "must be a non-empty string".into())),
             }
         };
         let api_version = text_field("apiVersion")?;
@@ -202,29 +183,16 @@ fn read_documents(text: &str, file: &str) -> Result<Objects, FileError> {
             return Err(invalid(
                 Some(object),
                 Some("apiVersion".into()),
-                format!(
-                    "{api_version:?} does not serve {kind}; use {}",
-                    expected.join(" or ")
-                ),
+                format!("{api_version:?} does not serve {kind}; use {}", expected.join(" or ")),
             ));
         }
         match kind.as_str() {
-            "Namespace" => objects
-                .namespaces
-                .push((doc, typed(value, &object, &invalid)?)),
-            "ServiceAccount" => objects
-                .service_accounts
-                .push((doc, typed(value, &object, &invalid)?)),
+            "Namespace" => objects.namespaces.push((doc, typed(value, &object, &invalid)?)),
+            "ServiceAccount" => objects.service_accounts.push((doc, typed(value, &object, &invalid)?)),
             "Pod" => objects.pods.push((doc, typed(value, &object, &invalid)?)),
-            "Service" => objects
-                .services
-                .push((doc, typed(value, &object, &invalid)?)),
-            "AuthorizationPolicy" => objects
-                .authorization_policies
-                .push((doc, typed(value, &object, &invalid)?)),
-            _ => objects
-                .peer_authentications
-                .push((doc, typed(value, &object, &invalid)?)),
+            "Service" => objects.services.push((doc, typed(value, &object, &invalid)?)),
+            "AuthorizationPolicy" => objects.authorization_policies.push((doc, typed(value, &object, &invalid)?)),
+            _ => objects.peer_authentications.push((doc, typed(value, &object, &invalid)?)),
         }
     }
     Ok(objects)
@@ -261,11 +229,7 @@ async fn read_with_fingerprint(path: &Path) -> std::io::Result<(Vec<u8>, Fingerp
     let bytes = tokio::fs::read(path).await?;
     let mut h = DefaultHasher::new();
     bytes.hash(&mut h);
-    let fp = Fingerprint {
-        modified,
-        len: bytes.len() as u64,
-        hash: h.finish(),
-    };
+    let fp = Fingerprint { modified, len: bytes.len() as u64, hash: h.finish() };
     Ok((bytes, fp))
 }
 
@@ -274,12 +238,7 @@ async fn read_with_fingerprint(path: &Path) -> std::io::Result<(Vec<u8>, Fingerp
 ///
 /// The caller loads the file first (so a bad file fails startup) and puts the result in `store`;
 /// `watch` takes the file as it is when called as what the store holds. SIGHUP always re-reads.
-pub async fn watch(
-    path: PathBuf,
-    opts: FileOptions,
-    store: Arc<StateStore>,
-    shutdown: impl Future<Output = ()>,
-) {
+pub async fn watch(path: PathBuf, opts: FileOptions, store: Arc<StateStore>, shutdown: impl Future<Output = ()>) {
     let file = path.display().to_string();
     let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => Some(s),
@@ -302,10 +261,7 @@ pub async fn watch(
         if !forced {
             match stat(&path).await {
                 Ok((modified, len)) => {
-                    if seen
-                        .as_ref()
-                        .is_some_and(|s| s.modified == modified && s.len == len)
-                    {
+                    if seen.as_ref().is_some_and(|s| s.modified == modified && s.len == len) {
                         continue;
                     }
                 }
@@ -329,9 +285,7 @@ pub async fn watch(
             }
         };
         read_error_logged = false;
-        let unchanged = seen
-            .as_ref()
-            .is_some_and(|s| s.hash == fp.hash && s.len == fp.len);
+        let unchanged = seen.as_ref().is_some_and(|s| s.hash == fp.hash && s.len == fp.len);
         seen = Some(fp);
         if unchanged && !forced {
             continue;
@@ -346,14 +300,7 @@ pub async fn watch(
                 let services = state.services_by_vip.len();
                 let local = state.local_captured(&opts.node_name).len();
                 store.replace(state);
-                tracing::info!(
-                    file,
-                    workloads,
-                    services,
-                    local_captured = local,
-                    forced,
-                    "config reloaded"
-                );
+                tracing::info!(file, workloads, services, local_captured = local, forced, "config reloaded");
             }
             Err(e) => tracing::error!(
                 file,

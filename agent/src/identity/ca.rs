@@ -13,9 +13,8 @@ use std::time::{Duration, SystemTime};
 
 use futures::future::BoxFuture;
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
-    SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
 };
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
@@ -85,18 +84,10 @@ impl Ca {
     }
 
     fn load(dir: &Path, trust_domain: &str) -> Result<Self, Error> {
-        let corrupt = |reason: String| Error::CaCorrupt {
-            dir: dir.to_path_buf(),
-            reason,
-        };
+        let corrupt = |reason: String| Error::CaCorrupt { dir: dir.to_path_buf(), reason };
         let key_path = dir.join(KEY_FILE);
         let cert_path = dir.join(CERT_FILE);
-        let read = |p: &Path| {
-            fs::read_to_string(p).map_err(|source| Error::CaIo {
-                path: p.to_path_buf(),
-                source,
-            })
-        };
+        let read = |p: &Path| fs::read_to_string(p).map_err(|source| Error::CaIo { path: p.to_path_buf(), source });
         let key_pem = read(&key_path)?;
         let cert_pem = read(&cert_path)?;
         if let Ok(meta) = fs::metadata(&key_path) {
@@ -107,15 +98,13 @@ impl Ca {
             }
         }
         let key = KeyPair::from_pem(&key_pem).map_err(|e| corrupt(format!("{KEY_FILE}: {e}")))?;
-        let root_pem = pem_certificate(&cert_pem)
-            .ok_or_else(|| corrupt(format!("{CERT_FILE} holds no PEM certificate")))?;
+        let root_pem =
+            pem_certificate(&cert_pem).ok_or_else(|| corrupt(format!("{CERT_FILE} holds no PEM certificate")))?;
         let root = CertificateDer::from(root_pem);
-        let (_, parsed) = x509_parser::parse_x509_certificate(&root)
-            .map_err(|e| corrupt(format!("{CERT_FILE}: {e}")))?;
+        let (_, parsed) =
+            x509_parser::parse_x509_certificate(&root).map_err(|e| corrupt(format!("{CERT_FILE}: {e}")))?;
         if parsed.public_key().raw != key.subject_public_key_info().as_slice() {
-            return Err(corrupt(format!(
-                "{KEY_FILE} is not the key of the certificate in {CERT_FILE}"
-            )));
+            return Err(corrupt(format!("{KEY_FILE} is not the key of the certificate in {CERT_FILE}")));
         }
         if !parsed.is_ca() {
             return Err(corrupt(format!("{CERT_FILE} is not a CA certificate")));
@@ -124,38 +113,23 @@ impl Ca {
         if root_not_after <= SystemTime::now() {
             return Err(corrupt(format!("the root in {CERT_FILE} has expired")));
         }
-        let issuer = Issuer::from_ca_cert_der(&root, key)
-            .map_err(|e| corrupt(format!("{CERT_FILE}: {e}")))?;
+        let issuer = Issuer::from_ca_cert_der(&root, key).map_err(|e| corrupt(format!("{CERT_FILE}: {e}")))?;
         tracing::info!(dir = %dir.display(), trust_domain, "loaded CA root");
-        Ok(Ca {
-            issuer,
-            root: root.into_owned(),
-            root_not_after,
-            trust_domain: trust_domain.to_owned(),
-        })
+        Ok(Ca { issuer, root: root.into_owned(), root_not_after, trust_domain: trust_domain.to_owned() })
     }
 
     fn create(dir: &Path, trust_domain: &str) -> Result<Self, Error> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         // Whole seconds, because that is what the certificate encodes and `sign` clamps against it.
-        let now = OffsetDateTime::now_utc()
-            .replace_nanosecond(0)
-            .map_err(|_| rcgen::Error::Time)?;
+        let now = OffsetDateTime::now_utc().replace_nanosecond(0).map_err(|_| rcgen::Error::Time)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, trust_domain);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "weft root CA");
+        params.distinguished_name.push(DnType::OrganizationName, trust_domain);
+        params.distinguished_name.push(DnType::CommonName, "weft root CA");
         // No intermediates exist in this design, so the root may only sign leaves.
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         params.not_before = now - CLOCK_SKEW_ALLOWANCE;
         params.not_after = now + ROOT_VALIDITY;
         params.serial_number = Some(random_serial());
@@ -207,31 +181,17 @@ impl Ca {
                 reason: "the requested validity is zero".into(),
             });
         }
-        let csr = CertificateSigningRequestParams::from_der(&csr_der.into()).map_err(|e| {
-            Error::InvalidCsr {
-                reason: match e {
-                    rcgen::Error::CouldNotParseCertificationRequest => "not DER PKCS#10".to_owned(),
-                    rcgen::Error::InvalidCertificationRequestSignature => {
-                        "its signature does not verify".to_owned()
-                    }
-                    other => other.to_string(),
-                },
-            }
+        let csr = CertificateSigningRequestParams::from_der(&csr_der.into()).map_err(|e| Error::InvalidCsr {
+            reason: match e {
+                rcgen::Error::CouldNotParseCertificationRequest => "not DER PKCS#10".to_owned(),
+                rcgen::Error::InvalidCertificationRequestSignature => "its signature does not verify".to_owned(),
+                other => other.to_string(),
+            },
         })?;
         let want = identity.to_string();
-        let requested: Vec<String> = csr
-            .params
-            .subject_alt_names
-            .iter()
-            .map(san_to_string)
-            .collect();
-        if requested.len() != 1
-            || !matches!(&csr.params.subject_alt_names[0], SanType::URI(u) if u.as_str() == want)
-        {
-            return Err(Error::CsrIdentityMismatch {
-                requested,
-                identity: want,
-            });
+        let requested: Vec<String> = csr.params.subject_alt_names.iter().map(san_to_string).collect();
+        if requested.len() != 1 || !matches!(&csr.params.subject_alt_names[0], SanType::URI(u) if u.as_str() == want) {
+            return Err(Error::CsrIdentityMismatch { requested, identity: want });
         }
 
         let now = SystemTime::now();
@@ -247,14 +207,8 @@ impl Ca {
         params.distinguished_name = DistinguishedName::new();
         params.subject_alt_names = csr.params.subject_alt_names.clone();
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         params.not_before = OffsetDateTime::from(now - CLOCK_SKEW_ALLOWANCE);
         params.not_after = OffsetDateTime::from(not_after);
@@ -308,10 +262,7 @@ fn random_serial() -> SerialNumber {
 
 fn pem_certificate(pem: &str) -> Option<Vec<u8>> {
     use rustls_pki_types::pem::PemObject;
-    CertificateDer::pem_slice_iter(pem.as_bytes())
-        .next()?
-        .ok()
-        .map(|c| c.to_vec())
+    CertificateDer::pem_slice_iter(pem.as_bytes()).next()?.ok().map(|c| c.to_vec())
 }
 
 /// Writes `data` to `path` via a temporary file created with `mode` and a rename, so a reader never sees
@@ -323,15 +274,8 @@ fn write_atomically(path: &Path, data: &[u8], mode: u32) -> Result<(), Error> {
         move |source| Error::CaIo { path: p, source }
     };
     let _ = fs::remove_file(&tmp);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(data)
-        .and_then(|_| f.sync_all())
-        .map_err(io(&tmp))?;
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).map_err(io(&tmp))?;
+    f.write_all(data).and_then(|_| f.sync_all()).map_err(io(&tmp))?;
     fs::rename(&tmp, path).map_err(io(path))
 }
 
@@ -357,24 +301,14 @@ mod tests {
     fn root_persists_and_reloads() {
         let dir = tempfile::tempdir().unwrap();
         let a = Ca::load_or_create(dir.path(), "cluster.local").unwrap();
-        let mode = fs::metadata(dir.path().join(KEY_FILE))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777;
+        let mode = fs::metadata(dir.path().join(KEY_FILE)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let b = Ca::load_or_create(dir.path(), "cluster.local").unwrap();
         assert_eq!(a.root(), b.root());
 
         // A leaf from the reloaded CA chains to the original root (same key, same subject).
         let id = Identity::new("cluster.local", "default", "web");
-        let chain = b
-            .sign(
-                &csr_for(vec![uri(&id.to_string())]),
-                &id,
-                Duration::from_secs(60),
-            )
-            .unwrap();
+        let chain = b.sign(&csr_for(vec![uri(&id.to_string())]), &id, Duration::from_secs(60)).unwrap();
         let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
         let root_der = a.root();
         let (_, root) = x509_parser::parse_x509_certificate(&root_der).unwrap();
@@ -382,12 +316,7 @@ mod tests {
         assert_eq!(chain[1], a.root());
 
         let other = tempfile::tempdir().unwrap();
-        assert_ne!(
-            Ca::load_or_create(other.path(), "cluster.local")
-                .unwrap()
-                .root(),
-            a.root()
-        );
+        assert_ne!(Ca::load_or_create(other.path(), "cluster.local").unwrap().root(), a.root());
     }
 
     #[test]
@@ -417,21 +346,12 @@ mod tests {
         let id = Identity::new("cluster.local", "ns1", "sa1");
         let ttl = Duration::from_secs(3600);
         let before = SystemTime::now();
-        let chain = ca
-            .sign(&csr_for(vec![uri(&id.to_string())]), &id, ttl)
-            .unwrap();
+        let chain = ca.sign(&csr_for(vec![uri(&id.to_string())]), &id, ttl).unwrap();
         assert_eq!(chain.len(), 2);
         let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
-        let sans = &leaf
-            .subject_alternative_name()
-            .unwrap()
-            .unwrap()
-            .value
-            .general_names;
+        let sans = &leaf.subject_alternative_name().unwrap().unwrap().value.general_names;
         assert_eq!(sans.len(), 1);
-        assert!(
-            matches!(sans[0], GeneralName::URI(u) if u == "spiffe://cluster.local/ns/ns1/sa/sa1")
-        );
+        assert!(matches!(sans[0], GeneralName::URI(u) if u == "spiffe://cluster.local/ns/ns1/sa/sa1"));
         assert!(!leaf.is_ca());
         let ku = leaf.key_usage().unwrap().unwrap().value;
         assert!(ku.digital_signature() && ku.key_encipherment() && !ku.key_cert_sign());
@@ -439,26 +359,16 @@ mod tests {
         assert!(eku.server_auth && eku.client_auth);
         let not_after = SystemTime::from(leaf.validity().not_after.to_datetime());
         let d = not_after.duration_since(before).unwrap();
-        assert!(
-            d >= ttl - Duration::from_secs(1) && d <= ttl + Duration::from_secs(2),
-            "{d:?}"
-        );
+        assert!(d >= ttl - Duration::from_secs(1) && d <= ttl + Duration::from_secs(2), "{d:?}");
         // Serials are random: two leaves differ.
-        let again = ca
-            .sign(&csr_for(vec![uri(&id.to_string())]), &id, ttl)
-            .unwrap();
+        let again = ca.sign(&csr_for(vec![uri(&id.to_string())]), &id, ttl).unwrap();
         let (_, leaf2) = x509_parser::parse_x509_certificate(&again[0]).unwrap();
         assert_ne!(leaf.raw_serial(), leaf2.raw_serial());
         assert_eq!(leaf.raw_serial().len(), 16);
         // Validity is clamped to the root's.
-        let long = ca
-            .sign(&csr_for(vec![uri(&id.to_string())]), &id, ROOT_VALIDITY * 3)
-            .unwrap();
+        let long = ca.sign(&csr_for(vec![uri(&id.to_string())]), &id, ROOT_VALIDITY * 3).unwrap();
         let (_, leaf3) = x509_parser::parse_x509_certificate(&long[0]).unwrap();
-        assert_eq!(
-            SystemTime::from(leaf3.validity().not_after.to_datetime()),
-            ca.root_not_after
-        );
+        assert_eq!(SystemTime::from(leaf3.validity().not_after.to_datetime()), ca.root_not_after);
     }
 
     #[test]
@@ -473,19 +383,10 @@ mod tests {
         assert!(matches!(err, Error::CsrIdentityMismatch { .. }), "{err}");
         assert!(err.to_string().contains("sa/admin"), "{err}");
 
-        let extra = csr_for(vec![
-            uri(&id.to_string()),
-            SanType::DnsName("web.default".try_into().unwrap()),
-        ]);
-        assert!(matches!(
-            ca.sign(&extra, &id, ttl).unwrap_err(),
-            Error::CsrIdentityMismatch { .. }
-        ));
+        let extra = csr_for(vec![uri(&id.to_string()), SanType::DnsName("web.default".try_into().unwrap())]);
+        assert!(matches!(ca.sign(&extra, &id, ttl).unwrap_err(), Error::CsrIdentityMismatch { .. }));
         let none = csr_for(vec![]);
-        assert!(matches!(
-            ca.sign(&none, &id, ttl).unwrap_err(),
-            Error::CsrIdentityMismatch { .. }
-        ));
+        assert!(matches!(ca.sign(&none, &id, ttl).unwrap_err(), Error::CsrIdentityMismatch { .. }));
 
         let err = ca.sign(b"definitely not a CSR", &id, ttl).unwrap_err();
         assert!(matches!(err, Error::InvalidCsr { .. }), "{err}");
@@ -498,14 +399,10 @@ mod tests {
         assert!(matches!(err, Error::InvalidCsr { .. }), "{err}");
 
         let foreign = Identity::new("example.org", "default", "web");
-        let err = ca
-            .sign(&csr_for(vec![uri(&foreign.to_string())]), &foreign, ttl)
-            .unwrap_err();
+        let err = ca.sign(&csr_for(vec![uri(&foreign.to_string())]), &foreign, ttl).unwrap_err();
         assert!(matches!(err, Error::WrongTrustDomain { .. }), "{err}");
 
-        let err = ca
-            .sign(&csr_for(vec![uri(&id.to_string())]), &id, Duration::ZERO)
-            .unwrap_err();
+        let err = ca.sign(&csr_for(vec![uri(&id.to_string())]), &id, Duration::ZERO).unwrap_err();
         assert!(matches!(err, Error::InvalidRequest { .. }), "{err}");
     }
 }

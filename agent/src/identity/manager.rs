@@ -78,11 +78,7 @@ impl CertManager {
         let mut store = RootCertStore::empty();
         let (added, ignored) = store.add_parsable_certificates(roots.iter().cloned());
         if ignored > 0 || added == 0 {
-            tracing::error!(
-                added,
-                ignored,
-                "some trust roots are unusable; peers chaining to them will be refused"
-            );
+            tracing::error!(added, ignored, "some trust roots are unusable; peers chaining to them will be refused");
         }
         Arc::new(Self {
             shared: Arc::new(Shared {
@@ -141,11 +137,7 @@ impl CertManager {
     /// Stop rotating an identity no pod on this node uses any more. Connections already using its
     /// certificate keep working until they close.
     pub fn forget(&self, id: &Identity) {
-        let removed = self
-            .entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        let removed = self.entries.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
         if let Some(entry) = removed {
             entry.cancel.cancel();
             tracing::info!(identity = %id, "forgot workload identity");
@@ -172,12 +164,7 @@ impl CertManager {
 
 impl Drop for CertManager {
     fn drop(&mut self) {
-        for entry in self
-            .entries
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-        {
+        for entry in self.entries.get_mut().unwrap_or_else(|p| p.into_inner()).values() {
             entry.cancel.cancel();
         }
     }
@@ -185,9 +172,7 @@ impl Drop for CertManager {
 
 impl Entry {
     fn valid_cert(&self) -> Option<Arc<WorkloadCert>> {
-        self.current
-            .load_full()
-            .filter(|c| SystemTime::now() < c.not_after)
+        self.current.load_full().filter(|c| SystemTime::now() < c.not_after)
     }
 }
 
@@ -239,17 +224,10 @@ impl Shared {
         params.distinguished_name = DistinguishedName::new();
         params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
         let csr = params.serialize_request(&key)?;
-        let chain = self
-            .signer
-            .sign(csr.der().to_vec(), id.clone(), self.ttl)
-            .await
-            .map_err(|e| match e {
-                Error::SignerFailed { .. } => e,
-                other => Error::SignerFailed {
-                    identity: id.to_string(),
-                    reason: other.to_string(),
-                },
-            })?;
+        let chain = self.signer.sign(csr.der().to_vec(), id.clone(), self.ttl).await.map_err(|e| match e {
+            Error::SignerFailed { .. } => e,
+            other => Error::SignerFailed { identity: id.to_string(), reason: other.to_string() },
+        })?;
         let cert = self.assemble(id, chain, &key)?;
         tracing::info!(identity = %id, serial = %cert.serial, not_after = ?cert.not_after, "issued workload certificate");
         Ok(Arc::new(cert))
@@ -263,28 +241,18 @@ impl Shared {
         chain: Vec<CertificateDer<'static>>,
         key: &KeyPair,
     ) -> Result<WorkloadCert, Error> {
-        let bad = |reason: String| Error::BadIssuedChain {
-            identity: id.to_string(),
-            reason,
-        };
-        let leaf = chain
-            .first()
-            .ok_or_else(|| bad("empty chain".into()))?
-            .clone();
+        let bad = |reason: String| Error::BadIssuedChain { identity: id.to_string(), reason };
+        let leaf = chain.first().ok_or_else(|| bad("empty chain".into()))?.clone();
         let got = spiffe_id_of(&leaf).map_err(|e| bad(e.to_string()))?;
         if &got != id {
             return Err(bad(format!("it is for {got}")));
         }
-        let (_, parsed) =
-            x509_parser::parse_x509_certificate(&leaf).map_err(|e| bad(e.to_string()))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(&leaf).map_err(|e| bad(e.to_string()))?;
         if parsed.public_key().raw != key.subject_public_key_info().as_slice() {
             return Err(bad("it is not for the key in our CSR".into()));
         }
-        let intermediates: Vec<CertificateDer<'static>> = chain[1..]
-            .iter()
-            .filter(|c| !self.root_ders.contains(c))
-            .cloned()
-            .collect();
+        let intermediates: Vec<CertificateDer<'static>> =
+            chain[1..].iter().filter(|c| !self.root_ders.contains(c)).cloned().collect();
         let parsed_leaf = rustls::server::ParsedCertificate::try_from(&leaf)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &parsed_leaf,
@@ -300,9 +268,7 @@ impl Shared {
         let serial = hex_serial(parsed.raw_serial());
         // Half of the life we actually have left, measured on our clock: not_before is backdated for
         // skew, so half of [not_before, not_after] would rotate late.
-        let remaining = not_after
-            .duration_since(SystemTime::now())
-            .unwrap_or_default();
+        let remaining = not_after.duration_since(SystemTime::now()).unwrap_or_default();
         let refresh_at = Instant::now() + remaining / 2;
 
         let mut presented = vec![leaf];
@@ -313,11 +279,8 @@ impl Shared {
         certified.keys_match()?;
         let resolver = Arc::new(SingleCertAndKey::from(certified));
 
-        let client_verifier = SpiffeClientVerifier::new(
-            self.roots.clone(),
-            self.provider.clone(),
-            self.trust_domain.clone(),
-        )?;
+        let client_verifier =
+            SpiffeClientVerifier::new(self.roots.clone(), self.provider.clone(), self.trust_domain.clone())?;
         let mut server = ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(Arc::new(client_verifier))
@@ -328,8 +291,7 @@ impl Shared {
         server.session_storage = Arc::new(NoServerSessionStorage {});
         server.send_tls13_tickets = 0;
 
-        let refuse_all =
-            SpiffeServerVerifier::new(self.roots.clone(), self.provider.clone(), Vec::new());
+        let refuse_all = SpiffeServerVerifier::new(self.roots.clone(), self.provider.clone(), Vec::new());
         let mut client_base = ClientConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
@@ -416,18 +378,11 @@ impl WorkloadCert {
             return config.clone();
         }
         let mut config = self.client_base.clone();
-        let verifier =
-            SpiffeServerVerifier::new(self.roots.clone(), self.provider.clone(), key.clone());
-        config
-            .dangerous()
-            .set_certificate_verifier(Arc::new(verifier));
+        let verifier = SpiffeServerVerifier::new(self.roots.clone(), self.provider.clone(), key.clone());
+        config.dangerous().set_certificate_verifier(Arc::new(verifier));
         let config = Arc::new(config);
         if cache.by_expected.len() >= CLIENT_CONFIG_CACHE {
-            let oldest = cache
-                .by_expected
-                .iter()
-                .min_by_key(|(_, (_, used))| *used)
-                .map(|(k, _)| k.clone());
+            let oldest = cache.by_expected.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| k.clone());
             if let Some(oldest) = oldest {
                 cache.by_expected.remove(&oldest);
             }
@@ -466,19 +421,12 @@ mod tests {
             ttl: Duration,
         ) -> BoxFuture<'static, Result<Vec<CertificateDer<'static>>, Error>> {
             self.calls.fetch_add(1, Ordering::SeqCst);
-            let (ca, delay, fail) = (
-                self.ca.clone(),
-                self.delay,
-                self.fail.load(Ordering::SeqCst),
-            );
+            let (ca, delay, fail) = (self.ca.clone(), self.delay, self.fail.load(Ordering::SeqCst));
             let identity = self.sign_as.clone().unwrap_or(identity);
             Box::pin(async move {
                 tokio::time::sleep(delay).await;
                 if fail {
-                    return Err(Error::SignerFailed {
-                        identity: identity.to_string(),
-                        reason: "test outage".into(),
-                    });
+                    return Err(Error::SignerFailed { identity: identity.to_string(), reason: "test outage".into() });
                 }
                 ca.sign(&csr_der, &identity, ttl)
             })
@@ -495,19 +443,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca = Arc::new(Ca::load_or_create(dir.path(), TD).unwrap());
         let root = ca.root();
-        let signer = Arc::new(TestSigner {
-            ca,
-            calls: AtomicUsize::new(0),
-            delay,
-            fail: AtomicBool::new(false),
-            sign_as,
-        });
+        let signer =
+            Arc::new(TestSigner { ca, calls: AtomicUsize::new(0), delay, fail: AtomicBool::new(false), sign_as });
         let manager = CertManager::new(signer.clone(), vec![root], TD.into(), ttl);
-        Fixture {
-            _dir: dir,
-            signer,
-            manager,
-        }
+        Fixture { _dir: dir, signer, manager }
     }
 
     fn id(sa: &str) -> Identity {
@@ -521,11 +460,8 @@ mod tests {
             let m = f.manager.clone();
             tokio::spawn(async move { m.fetch(&id("web")).await })
         });
-        let certs: Vec<Arc<WorkloadCert>> = futures::future::join_all(fetches)
-            .await
-            .into_iter()
-            .map(|r| r.unwrap().unwrap())
-            .collect();
+        let certs: Vec<Arc<WorkloadCert>> =
+            futures::future::join_all(fetches).await.into_iter().map(|r| r.unwrap().unwrap()).collect();
         assert_eq!(f.signer.calls.load(Ordering::SeqCst), 1);
         assert!(certs.iter().all(|c| Arc::ptr_eq(c, &certs[0])));
         assert_eq!(certs[0].identity, id("web"));
@@ -549,29 +485,15 @@ mod tests {
             let started = Instant::now();
             let cert = f.manager.fetch(&id("web")).await.unwrap();
             slowest = slowest.max(started.elapsed());
-            assert!(
-                SystemTime::now() < cert.not_after,
-                "fetch returned an expired certificate {cert:?}"
-            );
+            assert!(SystemTime::now() < cert.not_after, "fetch returned an expired certificate {cert:?}");
             serials.insert(cert.serial().to_owned());
             fetches += 1;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let calls = f.signer.calls.load(Ordering::SeqCst);
-        assert!(
-            serials.len() >= 4,
-            "only {} certificates in 5 s with a 2 s ttl",
-            serials.len()
-        );
-        assert!(
-            calls <= serials.len() + 1,
-            "{calls} signings for {} certificates seen",
-            serials.len()
-        );
-        assert!(
-            slowest < Duration::from_millis(250),
-            "a fetch took {slowest:?} over {fetches} fetches"
-        );
+        assert!(serials.len() >= 4, "only {} certificates in 5 s with a 2 s ttl", serials.len());
+        assert!(calls <= serials.len() + 1, "{calls} signings for {} certificates seen", serials.len());
+        assert!(slowest < Duration::from_millis(250), "a fetch took {slowest:?} over {fetches} fetches");
         let snap = f.manager.snapshot();
         assert_eq!(snap.len(), 1);
         assert!(serials.contains(&snap[0].serial));
@@ -583,10 +505,7 @@ mod tests {
         let web = f.manager.fetch(&id("web")).await.unwrap();
         let db = f.manager.fetch(&id("db")).await.unwrap();
         let snap = f.manager.snapshot();
-        assert_eq!(
-            snap.iter().map(|c| c.identity.clone()).collect::<Vec<_>>(),
-            vec![id("db"), id("web")]
-        );
+        assert_eq!(snap.iter().map(|c| c.identity.clone()).collect::<Vec<_>>(), vec![id("db"), id("web")]);
         assert_eq!(snap[0].serial, db.serial());
         assert_eq!(snap[1].serial, web.serial());
         assert_eq!(snap[1].not_after, web.not_after);
@@ -596,11 +515,7 @@ mod tests {
         f.manager.forget(&id("db"));
         assert!(f.manager.snapshot().is_empty());
         tokio::time::sleep(Duration::from_millis(2500)).await;
-        assert_eq!(
-            f.signer.calls.load(Ordering::SeqCst),
-            2,
-            "a forgotten identity was rotated"
-        );
+        assert_eq!(f.signer.calls.load(Ordering::SeqCst), 2, "a forgotten identity was rotated");
 
         // Fetching again starts afresh.
         let again = f.manager.fetch(&id("web")).await.unwrap();
@@ -630,20 +545,13 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert!(rotated, "never recovered from a signer outage");
-        assert!(
-            f.signer.calls.load(Ordering::SeqCst) >= 4,
-            "no failed rotation attempts were made"
-        );
+        assert!(f.signer.calls.load(Ordering::SeqCst) >= 4, "no failed rotation attempts were made");
     }
 
     #[tokio::test]
     async fn refuses_wrong_trust_domain_and_lying_signers() {
         let f = fixture(Duration::from_secs(60), Duration::ZERO, None);
-        let err = f
-            .manager
-            .fetch(&Identity::new("example.org", "default", "web"))
-            .await
-            .unwrap_err();
+        let err = f.manager.fetch(&Identity::new("example.org", "default", "web")).await.unwrap_err();
         assert!(matches!(err, Error::WrongTrustDomain { .. }), "{err}");
         assert_eq!(f.signer.calls.load(Ordering::SeqCst), 0);
 
@@ -667,37 +575,20 @@ mod tests {
         };
         let shared = &f.manager.shared;
         let ttl = Duration::from_secs(60);
-        let good = f
-            .signer
-            .ca
-            .sign(&csr(&key, &id("web")), &id("web"), ttl)
-            .unwrap();
+        let good = f.signer.ca.sign(&csr(&key, &id("web")), &id("web"), ttl).unwrap();
         shared.assemble(&id("web"), good, &key).unwrap();
 
-        let for_admin = f
-            .signer
-            .ca
-            .sign(&csr(&key, &id("admin")), &id("admin"), ttl)
-            .unwrap();
+        let for_admin = f.signer.ca.sign(&csr(&key, &id("admin")), &id("admin"), ttl).unwrap();
         let err = shared.assemble(&id("web"), for_admin, &key).unwrap_err();
-        assert!(
-            matches!(err, Error::BadIssuedChain { .. }) && err.to_string().contains("sa/admin"),
-            "{err}"
-        );
+        assert!(matches!(err, Error::BadIssuedChain { .. }) && err.to_string().contains("sa/admin"), "{err}");
 
-        let other = f
-            .signer
-            .ca
-            .sign(&csr(&other_key, &id("web")), &id("web"), ttl)
-            .unwrap();
+        let other = f.signer.ca.sign(&csr(&other_key, &id("web")), &id("web"), ttl).unwrap();
         let err = shared.assemble(&id("web"), other, &key).unwrap_err();
         assert!(err.to_string().contains("not for the key"), "{err}");
 
         let dir = tempfile::tempdir().unwrap();
         let stranger = Ca::load_or_create(dir.path(), TD).unwrap();
-        let foreign = stranger
-            .sign(&csr(&key, &id("web")), &id("web"), ttl)
-            .unwrap();
+        let foreign = stranger.sign(&csr(&key, &id("web")), &id("web"), ttl).unwrap();
         let err = shared.assemble(&id("web"), foreign, &key).unwrap_err();
         assert!(err.to_string().contains("trust roots"), "{err}");
 

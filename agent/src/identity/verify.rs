@@ -12,10 +12,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
-use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore,
-    SignatureScheme,
-};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use x509_parser::extensions::GeneralName;
 
@@ -31,10 +28,7 @@ pub fn server_name(destination: IpAddr) -> ServerName<'static> {
 /// The verified SPIFFE identity of the peer of an established TLS connection. Only meaningful for
 /// connections made with [`super::WorkloadCert`]'s configs, whose verifiers already checked the chain.
 pub fn peer_identity(conn: &rustls::CommonState) -> Result<Identity, Error> {
-    let leaf = conn
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .ok_or(Error::NoPeerCertificate)?;
+    let leaf = conn.peer_certificates().and_then(|c| c.first()).ok_or(Error::NoPeerCertificate)?;
     spiffe_id_of(leaf)
 }
 
@@ -42,8 +36,7 @@ pub fn peer_identity(conn: &rustls::CommonState) -> Result<Identity, Error> {
 /// Other SAN types may be present (the X.509-SVID spec allows them) and are ignored.
 pub(crate) fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<Identity, Error> {
     let bad = |reason: String| Error::BadPeerIdentity { reason };
-    let (_, parsed) =
-        x509_parser::parse_x509_certificate(cert).map_err(|e| bad(format!("unparsable: {e}")))?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|e| bad(format!("unparsable: {e}")))?;
     let san = parsed
         .subject_alternative_name()
         .map_err(|e| bad(format!("bad subjectAltName: {e}")))?
@@ -59,13 +52,8 @@ pub(crate) fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<Identity, Error>
         .collect();
     match uris.as_slice() {
         [one] => one.parse::<Identity>().map_err(|e| bad(e.to_string())),
-        [] => Err(bad(
-            "no URI SAN (a DNS-only certificate is not a workload certificate)".into(),
-        )),
-        many => Err(bad(format!(
-            "{} URI SANs, a workload certificate has exactly one",
-            many.len()
-        ))),
+        [] => Err(bad("no URI SAN (a DNS-only certificate is not a workload certificate)".into())),
+        many => Err(bad(format!("{} URI SANs, a workload certificate has exactly one", many.len()))),
     }
 }
 
@@ -91,11 +79,7 @@ impl SpiffeClientVerifier {
         let inner = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
             .build()
             .map_err(|e| Error::Tls(rustls::Error::General(format!("client verifier: {e}"))))?;
-        Ok(Self {
-            inner,
-            provider,
-            trust_domain,
-        })
+        Ok(Self { inner, provider, trust_domain })
     }
 }
 
@@ -118,8 +102,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)?;
+        self.inner.verify_client_cert(end_entity, intermediates, now)?;
         let id = spiffe_id_of(end_entity).map_err(app_failure)?;
         if id.trust_domain != self.trust_domain {
             tracing::debug!(peer = %id, trust_domain = %self.trust_domain, "refused client from another trust domain");
@@ -139,9 +122,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
         // The configs only enable TLS 1.3; refuse rather than trust that this is unreachable.
-        Err(rustls::Error::General(
-            "TLS 1.2 is not allowed for HBONE".into(),
-        ))
+        Err(rustls::Error::General("TLS 1.2 is not allowed for HBONE".into()))
     }
 
     fn verify_tls13_signature(
@@ -150,18 +131,11 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -175,16 +149,8 @@ pub(crate) struct SpiffeServerVerifier {
 }
 
 impl SpiffeServerVerifier {
-    pub(crate) fn new(
-        roots: Arc<RootCertStore>,
-        provider: Arc<CryptoProvider>,
-        expected: Vec<Identity>,
-    ) -> Self {
-        Self {
-            roots,
-            provider,
-            expected,
-        }
+    pub(crate) fn new(roots: Arc<RootCertStore>, provider: Arc<CryptoProvider>, expected: Vec<Identity>) -> Self {
+        Self { roots, provider, expected }
     }
 }
 
@@ -207,17 +173,9 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         )?;
         let id = spiffe_id_of(end_entity).map_err(app_failure)?;
         if !self.expected.contains(&id) {
-            let expected = self
-                .expected
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(" or ");
+            let expected = self.expected.iter().map(ToString::to_string).collect::<Vec<_>>().join(" or ");
             tracing::debug!(peer = %id, %expected, "refused server with unexpected identity");
-            return Err(app_failure(Error::UnexpectedPeer {
-                got: id.to_string(),
-                expected,
-            }));
+            return Err(app_failure(Error::UnexpectedPeer { got: id.to_string(), expected }));
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -228,9 +186,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General(
-            "TLS 1.2 is not allowed for HBONE".into(),
-        ))
+        Err(rustls::Error::General("TLS 1.2 is not allowed for HBONE".into()))
     }
 
     fn verify_tls13_signature(
@@ -239,18 +195,11 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -258,10 +207,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 mod tests {
     use std::time::Duration;
 
-    use rcgen::{
-        CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-        SanType,
-    };
+    use rcgen::{CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType};
     use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
     use rustls::{ClientConfig, ServerConfig};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -291,17 +237,8 @@ mod tests {
     fn mesh() -> Mesh {
         let dir = tempfile::tempdir().unwrap();
         let ca = Arc::new(Ca::load_or_create(dir.path(), TD).unwrap());
-        let manager = CertManager::new(
-            ca.clone(),
-            vec![ca.root()],
-            TD.into(),
-            Duration::from_secs(3600),
-        );
-        Mesh {
-            _dir: dir,
-            ca,
-            manager,
-        }
+        let manager = CertManager::new(ca.clone(), vec![ca.root()], TD.into(), Duration::from_secs(3600));
+        Mesh { _dir: dir, ca, manager }
     }
 
     fn id(sa: &str) -> Identity {
@@ -309,43 +246,27 @@ mod tests {
     }
 
     /// A certificate from `ca` built from arbitrary `params` (bypassing the CA's workload rules).
-    fn forged(
-        ca: &Ca,
-        sans: Vec<SanType>,
-    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    fn forged(ca: &Ca, sans: Vec<SanType>) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, "forged");
         params.subject_alt_names = sans;
         params.is_ca = IsCa::ExplicitNoCa;
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         let leaf = ca.issue(&params, &key).unwrap();
-        (
-            vec![leaf],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )
+        (vec![leaf], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
     }
 
     /// A real workload chain from `ca`, signed through the CA's normal path with `ttl`.
-    fn issued(
-        ca: &Ca,
-        id: &Identity,
-        ttl: Duration,
-    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    fn issued(ca: &Ca, id: &Identity, ttl: Duration) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.subject_alt_names = vec![SanType::URI(id.to_string().try_into().unwrap())];
         let csr = params.serialize_request(&key).unwrap();
         let chain = ca.sign(csr.der(), id, ttl).unwrap();
-        (
-            chain,
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )
+        (chain, PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
     }
 
     /// A client presenting an arbitrary chain, trusting `trust`'s root for a server that is `expected`.
@@ -369,10 +290,7 @@ mod tests {
     }
 
     /// A server presenting an arbitrary chain and not asking for client certificates.
-    fn raw_server(
-        chain: Vec<CertificateDer<'static>>,
-        key: PrivateKeyDer<'static>,
-    ) -> Arc<ServerConfig> {
+    fn raw_server(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Arc<ServerConfig> {
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()
@@ -413,11 +331,9 @@ mod tests {
             assert_eq!(&buf, b"ping");
             Ok(peer)
         };
-        tokio::time::timeout(Duration::from_secs(10), async {
-            tokio::join!(client_side, server_side)
-        })
-        .await
-        .expect("handshake hung")
+        tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(client_side, server_side) })
+            .await
+            .expect("handshake hung")
     }
 
     async fn workload(mesh: &Mesh, sa: &str) -> Arc<WorkloadCert> {
@@ -433,11 +349,7 @@ mod tests {
         assert_eq!(server.unwrap(), Some(id("web")));
 
         // Any of several expected identities (e.g. a service backed by two service accounts).
-        let (client, server) = handshake(
-            web.client_config(&[id("other"), id("db")]),
-            db.server_config(),
-        )
-        .await;
+        let (client, server) = handshake(web.client_config(&[id("other"), id("db")]), db.server_config()).await;
         assert_eq!(client.unwrap(), Some(id("db")));
         assert_eq!(server.unwrap(), Some(id("web")));
 
@@ -452,8 +364,7 @@ mod tests {
     async fn server_refuses_client_without_certificate() {
         let mesh = mesh();
         let db = workload(&mesh, "db").await;
-        let (client, server) =
-            handshake(raw_client(&mesh.ca, id("db"), None), db.server_config()).await;
+        let (client, server) = handshake(raw_client(&mesh.ca, id("db"), None), db.server_config()).await;
         let err = server.unwrap_err().to_string();
         assert!(err.contains("no certificates"), "{err}");
         assert!(client.is_err());
@@ -464,47 +375,29 @@ mod tests {
         let (mesh, other) = (mesh(), mesh());
         let db = workload(&mesh, "db").await;
         let foreign = issued(&other.ca, &id("web"), Duration::from_secs(60));
-        let (client, server) = handshake(
-            raw_client(&mesh.ca, id("db"), Some(foreign)),
-            db.server_config(),
-        )
-        .await;
+        let (client, server) = handshake(raw_client(&mesh.ca, id("db"), Some(foreign)), db.server_config()).await;
         // Both roots are named alike ("weft root CA" of cluster.local), so webpki finds a candidate anchor
         // and fails on its signature; with distinct names it reports UnknownIssuer. Either is a refusal.
         let err = server.unwrap_err().to_string();
-        assert!(
-            err.contains("BadSignature") || err.contains("UnknownIssuer"),
-            "{err}"
-        );
+        assert!(err.contains("BadSignature") || err.contains("UnknownIssuer"), "{err}");
         assert!(client.is_err());
 
         // And the other way round: a workload of mesh B never accepts a server of mesh A.
         let web_b = workload(&other, "web").await;
-        let (client, _server) =
-            handshake(web_b.client_config(&[id("db")]), db.server_config()).await;
+        let (client, _server) = handshake(web_b.client_config(&[id("db")]), db.server_config()).await;
         let err = client.unwrap_err().to_string();
-        assert!(
-            err.contains("BadSignature") || err.contains("UnknownIssuer"),
-            "{err}"
-        );
+        assert!(err.contains("BadSignature") || err.contains("UnknownIssuer"), "{err}");
     }
 
     #[tokio::test]
     async fn client_refuses_unexpected_server_identity() {
         let mesh = mesh();
         let (web, db) = (workload(&mesh, "web").await, workload(&mesh, "db").await);
-        let (client, server) =
-            handshake(web.client_config(&[id("payments")]), db.server_config()).await;
+        let (client, server) = handshake(web.client_config(&[id("payments")]), db.server_config()).await;
         let err = client.unwrap_err().to_string();
         assert!(err.contains("UnexpectedPeer"), "{err}");
-        assert!(
-            err.contains("spiffe://cluster.local/ns/default/sa/db"),
-            "{err}"
-        );
-        assert!(
-            err.contains("spiffe://cluster.local/ns/default/sa/payments"),
-            "{err}"
-        );
+        assert!(err.contains("spiffe://cluster.local/ns/default/sa/db"), "{err}");
+        assert!(err.contains("spiffe://cluster.local/ns/default/sa/payments"), "{err}");
         assert!(server.is_err());
         // An empty expectation accepts nobody.
         let (client, _) = handshake(web.client_config(&[]), db.server_config()).await;
@@ -515,12 +408,7 @@ mod tests {
     async fn certificates_without_a_single_spiffe_uri_are_refused() {
         let mesh = mesh();
         let (web, db) = (workload(&mesh, "web").await, workload(&mesh, "db").await);
-        let dns_only = || {
-            forged(
-                &mesh.ca,
-                vec![SanType::DnsName("db.default.svc".try_into().unwrap())],
-            )
-        };
+        let dns_only = || forged(&mesh.ca, vec![SanType::DnsName("db.default.svc".try_into().unwrap())]);
         let no_san = || forged(&mesh.ca, vec![]);
         let two_uris = || {
             forged(
@@ -531,12 +419,7 @@ mod tests {
                 ],
             )
         };
-        let http_uri = || {
-            forged(
-                &mesh.ca,
-                vec![SanType::URI("https://db.default/".try_into().unwrap())],
-            )
-        };
+        let http_uri = || forged(&mesh.ca, vec![SanType::URI("https://db.default/".try_into().unwrap())]);
         for (what, make) in [
             ("dns-only", &dns_only as &dyn Fn() -> _),
             ("no SAN", &no_san),
@@ -545,16 +428,11 @@ mod tests {
         ] {
             // As a server certificate…
             let (chain, key) = make();
-            let (client, _) =
-                handshake(web.client_config(&[id("db")]), raw_server(chain, key)).await;
+            let (client, _) = handshake(web.client_config(&[id("db")]), raw_server(chain, key)).await;
             let err = client.expect_err(what).to_string();
             assert!(err.contains("BadPeerIdentity"), "{what}: {err}");
             // …and as a client certificate.
-            let (client, server) = handshake(
-                raw_client(&mesh.ca, id("db"), Some(make())),
-                db.server_config(),
-            )
-            .await;
+            let (client, server) = handshake(raw_client(&mesh.ca, id("db"), Some(make())), db.server_config()).await;
             let err = server.expect_err(what).to_string();
             assert!(err.contains("BadPeerIdentity"), "{what}: {err}");
             assert!(client.is_err(), "{what}");
@@ -565,22 +443,11 @@ mod tests {
     async fn server_refuses_client_from_another_trust_domain_under_the_same_root() {
         let mesh = mesh();
         let db = workload(&mesh, "db").await;
-        let foreign = forged(
-            &mesh.ca,
-            vec![SanType::URI(
-                "spiffe://example.org/ns/default/sa/web".try_into().unwrap(),
-            )],
-        );
-        let (_, server) = handshake(
-            raw_client(&mesh.ca, id("db"), Some(foreign)),
-            db.server_config(),
-        )
-        .await;
+        let foreign =
+            forged(&mesh.ca, vec![SanType::URI("spiffe://example.org/ns/default/sa/web".try_into().unwrap())]);
+        let (_, server) = handshake(raw_client(&mesh.ca, id("db"), Some(foreign)), db.server_config()).await;
         let err = server.unwrap_err().to_string();
-        assert!(
-            err.contains("WrongTrustDomain") && err.contains("example.org"),
-            "{err}"
-        );
+        assert!(err.contains("WrongTrustDomain") && err.contains("example.org"), "{err}");
     }
 
     #[tokio::test]
@@ -592,11 +459,7 @@ mod tests {
         // Validity is whole seconds and webpki compares whole seconds: 1 s of ttl may last almost 2 s.
         tokio::time::sleep(Duration::from_millis(2100)).await;
 
-        let (_, server) = handshake(
-            raw_client(&mesh.ca, id("db"), Some(old_client)),
-            db.server_config(),
-        )
-        .await;
+        let (_, server) = handshake(raw_client(&mesh.ca, id("db"), Some(old_client)), db.server_config()).await;
         let err = server.unwrap_err().to_string();
         assert!(err.contains("expired"), "{err}");
 

@@ -134,9 +134,8 @@ impl Match {
     }
 
     fn matches(&self, p: &Peer<'_>) -> bool {
-        let sa = |(ns, sa): &(String, String)| {
-            p.sa_namespace == Some(ns.as_str()) && p.service_account == Some(sa.as_str())
-        };
+        let sa =
+            |(ns, sa): &(String, String)| p.sa_namespace == Some(ns.as_str()) && p.service_account == Some(sa.as_str());
         any_or_empty(&self.principals, |m| m.matches(p.principal))
             && none_or_empty(&self.not_principals, |m| m.matches(p.principal))
             && any_or_empty(&self.namespaces, |m| m.matches(p.namespace))
@@ -164,15 +163,11 @@ fn clause_can_match(clause: &Clause) -> bool {
 
 impl CompiledAuthz {
     pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.selector
-            .as_ref()
-            .is_none_or(|sel| sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
+        self.selector.as_ref().is_none_or(|sel| sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
     }
 
     pub fn matches(&self, p: &Peer<'_>) -> bool {
-        self.rules
-            .iter()
-            .any(|rule| rule.iter().all(|c| clause_matches(c, p)))
+        self.rules.iter().any(|rule| rule.iter().all(|c| clause_matches(c, p)))
     }
 }
 
@@ -201,10 +196,7 @@ impl Ctx<'_> {
 
 /// Checks a policy as Istio's validating webhook would, then lowers it to L4 matchers.
 /// `warnings` receives what an operator should know (L7 attributes dropped, and so on).
-pub(super) fn compile(
-    ap: &AuthorizationPolicy,
-    warnings: &mut Vec<String>,
-) -> Result<Compiled, PolicyError> {
+pub(super) fn compile(ap: &AuthorizationPolicy, warnings: &mut Vec<String>) -> Result<Compiled, PolicyError> {
     let namespace = ap.metadata.namespace.as_deref().unwrap_or("default");
     let name = ap.metadata.name.as_deref().unwrap_or("");
     let cx = Ctx { namespace, name };
@@ -214,10 +206,7 @@ pub(super) fn compile(
     let spec = &ap.spec;
     let refs = usize::from(spec.target_ref.is_some()) + usize::from(!spec.target_refs.is_empty());
     if refs > 0 && spec.selector.is_some() || refs > 1 {
-        return Err(cx.err(
-            "spec",
-            "only one of selector, targetRef and targetRefs may be set",
-        ));
+        return Err(cx.err("spec", "only one of selector, targetRef and targetRefs may be set"));
     }
     if let Some(sel) = &spec.selector {
         validate_selector(&cx, sel)?;
@@ -230,16 +219,10 @@ pub(super) fn compile(
             ));
         }
         if spec.provider.as_ref().is_none_or(|p| p.name.is_empty()) {
-            return Err(cx.err(
-                "spec.provider.name",
-                "action CUSTOM needs the extension provider's name",
-            ));
+            return Err(cx.err("spec.provider.name", "action CUSTOM needs the extension provider's name"));
         }
     } else if spec.provider.is_some() {
-        return Err(cx.err(
-            "spec.provider",
-            "provider is only allowed with action CUSTOM",
-        ));
+        return Err(cx.err("spec.provider", "provider is only allowed with action CUSTOM"));
     }
     if spec.action == Action::Deny && spec.rules.is_empty() {
         return Err(cx.err(
@@ -247,12 +230,7 @@ pub(super) fn compile(
             "a DENY policy without rules never triggers; add an empty rule `{}` to deny everything",
         ));
     }
-    let dry_run = match ap
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(DRY_RUN_ANNOTATION))
-    {
+    let dry_run = match ap.metadata.annotations.as_ref().and_then(|a| a.get(DRY_RUN_ANNOTATION)) {
         None => false,
         Some(v) => parse_go_bool(v).ok_or_else(|| {
             cx.err(
@@ -280,10 +258,7 @@ pub(super) fn compile(
             let mut clause = Vec::new();
             for (j, to) in rule.to.iter().enumerate() {
                 let p = format!("{path}.to[{j}].operation");
-                let op = to
-                    .operation
-                    .as_ref()
-                    .ok_or_else(|| cx.err(&p, "`operation` is required"))?;
+                let op = to.operation.as_ref().ok_or_else(|| cx.err(&p, "`operation` is required"))?;
                 clause.push(compile_operation(&cx, &p, op, &mut l7)?);
             }
             clauses.push(clause);
@@ -292,10 +267,7 @@ pub(super) fn compile(
             let mut clause = Vec::new();
             for (j, from) in rule.from.iter().enumerate() {
                 let p = format!("{path}.from[{j}].source");
-                let src = from
-                    .source
-                    .as_ref()
-                    .ok_or_else(|| cx.err(&p, "`source` is required"))?;
+                let src = from.source.as_ref().ok_or_else(|| cx.err(&p, "`source` is required"))?;
                 clause.push(compile_source(&cx, &p, src, namespace, &mut l7)?);
             }
             clauses.push(clause);
@@ -340,9 +312,7 @@ pub(super) fn compile(
 
     let key = format!("{namespace}/{name}");
     if refs > 0 {
-        return Ok(Compiled::NotEnforced {
-            why: "it has targetRefs, so it is for a waypoint or gateway".to_owned(),
-        });
+        return Ok(Compiled::NotEnforced { why: "it has targetRefs, so it is for a waypoint or gateway".to_owned() });
     }
     let Some(effect) = effect else {
         warnings.push(format!(
@@ -350,26 +320,17 @@ pub(super) fn compile(
              use a waypoint for AUDIT and CUSTOM",
             spec.action
         ));
-        return Ok(Compiled::NotEnforced {
-            why: format!("action {:?} is not enforced at L4", spec.action),
-        });
+        return Ok(Compiled::NotEnforced { why: format!("action {:?} is not enforced at L4", spec.action) });
     };
     if dry_run {
         warnings.push(format!(
             "AuthorizationPolicy {key}: {DRY_RUN_ANNOTATION} policies are not enforced, and not evaluated, at L4"
         ));
-        return Ok(Compiled::NotEnforced {
-            why: "it is a dry-run policy".to_owned(),
-        });
+        return Ok(Compiled::NotEnforced { why: "it is a dry-run policy".to_owned() });
     }
     warnings.extend(notes);
     let selector = spec.selector.as_ref().map(|s| s.match_labels.clone());
-    Ok(Compiled::Enforced(CompiledAuthz {
-        key,
-        effect,
-        selector,
-        rules,
-    }))
+    Ok(Compiled::Enforced(CompiledAuthz { key, effect, selector, rules }))
 }
 
 /// Go's `strconv.ParseBool`, which is what Istio uses for its boolean annotations.
@@ -408,47 +369,28 @@ fn validate_selector(cx: &Ctx<'_>, sel: &WorkloadSelector) -> Result<(), PolicyE
 
 fn non_empty(cx: &Ctx<'_>, path: &str, field: &str, values: &[String]) -> Result<(), PolicyError> {
     match values.iter().position(String::is_empty) {
-        Some(i) => Err(cx.err(
-            format!("{path}.{field}[{i}]"),
-            "empty values are not allowed",
-        )),
+        Some(i) => Err(cx.err(format!("{path}.{field}[{i}]"), "empty values are not allowed")),
         None => Ok(()),
     }
 }
 
-fn strs(
-    cx: &Ctx<'_>,
-    path: &str,
-    field: &str,
-    values: &[String],
-) -> Result<Vec<StrMatch>, PolicyError> {
+fn strs(cx: &Ctx<'_>, path: &str, field: &str, values: &[String]) -> Result<Vec<StrMatch>, PolicyError> {
     non_empty(cx, path, field, values)?;
     Ok(values.iter().map(|v| StrMatch::parse(v)).collect())
 }
 
 /// A single IP (`10.0.0.1`, a /32 or /128) or a CIDR (`10.0.0.0/8`; host bits are allowed, as in
 /// Istio).
-fn ips(
-    cx: &Ctx<'_>,
-    path: &str,
-    field: &str,
-    values: &[String],
-) -> Result<Vec<IpNet>, PolicyError> {
+fn ips(cx: &Ctx<'_>, path: &str, field: &str, values: &[String]) -> Result<Vec<IpNet>, PolicyError> {
     non_empty(cx, path, field, values)?;
     values
         .iter()
         .enumerate()
         .map(|(i, v)| {
-            let parsed = if v.contains('/') {
-                v.parse::<IpNet>().ok()
-            } else {
-                v.parse::<IpAddr>().ok().map(IpNet::from)
-            };
+            let parsed =
+                if v.contains('/') { v.parse::<IpNet>().ok() } else { v.parse::<IpAddr>().ok().map(IpNet::from) };
             parsed.map(canonical_net).ok_or_else(|| {
-                cx.err(
-                    format!("{path}.{field}[{i}]"),
-                    format!("{v:?} is neither an IP address nor a CIDR block"),
-                )
+                cx.err(format!("{path}.{field}[{i}]"), format!("{v:?} is neither an IP address nor a CIDR block"))
             })
         })
         .collect()
@@ -466,23 +408,14 @@ fn canonical_net(n: IpNet) -> IpNet {
     }
 }
 
-fn ports(
-    cx: &Ctx<'_>,
-    path: &str,
-    field: &str,
-    values: &[String],
-) -> Result<Vec<u16>, PolicyError> {
+fn ports(cx: &Ctx<'_>, path: &str, field: &str, values: &[String]) -> Result<Vec<u16>, PolicyError> {
     non_empty(cx, path, field, values)?;
     values
         .iter()
         .enumerate()
         .map(|(i, v)| {
-            v.parse::<u16>().map_err(|_| {
-                cx.err(
-                    format!("{path}.{field}[{i}]"),
-                    format!("{v:?} is not a port number (0-65535)"),
-                )
-            })
+            v.parse::<u16>()
+                .map_err(|_| cx.err(format!("{path}.{field}[{i}]"), format!("{v:?} is not a port number (0-65535)")))
         })
         .collect()
 }
@@ -495,10 +428,7 @@ fn service_accounts(
     policy_ns: &str,
 ) -> Result<Vec<(String, String)>, PolicyError> {
     if values.len() > 16 {
-        return Err(cx.err(
-            format!("{path}.{field}"),
-            "at most 16 service accounts are allowed",
-        ));
+        return Err(cx.err(format!("{path}.{field}"), "at most 16 service accounts are allowed"));
     }
     values
         .iter()
@@ -506,9 +436,7 @@ fn service_accounts(
         .map(|(i, v)| {
             let bad = |why: &str| cx.err(format!("{path}.{field}[{i}]"), format!("{v:?}: {why}"));
             if v.contains('*') {
-                return Err(bad(
-                    "wildcards are not allowed; list service accounts exactly",
-                ));
+                return Err(bad("wildcards are not allowed; list service accounts exactly"));
             }
             match v.split_once('/') {
                 None if !v.is_empty() => Ok((policy_ns.to_owned(), v.clone())),
@@ -521,23 +449,15 @@ fn service_accounts(
         .collect()
 }
 
-fn trust_domains(
-    cx: &Ctx<'_>,
-    path: &str,
-    field: &str,
-    values: &[String],
-) -> Result<Vec<StrMatch>, PolicyError> {
+fn trust_domains(cx: &Ctx<'_>, path: &str, field: &str, values: &[String]) -> Result<Vec<StrMatch>, PolicyError> {
     for (i, v) in values.iter().enumerate() {
         let stars = v.matches('*').count();
-        let ok = !v.is_empty()
-            && !v.contains('/')
-            && (stars == 0 || stars == 1 && (v.starts_with('*') || v.ends_with('*')));
+        let ok =
+            !v.is_empty() && !v.contains('/') && (stars == 0 || stars == 1 && (v.starts_with('*') || v.ends_with('*')));
         if !ok {
             return Err(cx.err(
                 format!("{path}.{field}[{i}]"),
-                format!(
-                    "{v:?} is not a trust domain (no '/', at most one '*' at the start or end)"
-                ),
+                format!("{v:?} is not a trust domain (no '/', at most one '*' at the start or end)"),
             ));
         }
     }
@@ -570,14 +490,9 @@ fn compile_source(
     if all.iter().all(|(_, v)| v.is_empty()) {
         return Err(cx.err(path, "`source` must set at least one field"));
     }
-    let identity_fields =
-        s.principals.len() + s.not_principals.len() + s.namespaces.len() + s.not_namespaces.len();
-    if identity_fields > 0 && !(s.service_accounts.is_empty() && s.not_service_accounts.is_empty())
-    {
-        return Err(cx.err(
-            path,
-            "serviceAccounts cannot be combined with principals or namespaces",
-        ));
+    let identity_fields = s.principals.len() + s.not_principals.len() + s.namespaces.len() + s.not_namespaces.len();
+    if identity_fields > 0 && !(s.service_accounts.is_empty() && s.not_service_accounts.is_empty()) {
+        return Err(cx.err(path, "serviceAccounts cannot be combined with principals or namespaces"));
     }
     // remote.ip comes from X-Forwarded-For / PROXY protocol: HTTP-level, as istiod classifies it.
     for (field, values) in [
@@ -598,20 +513,8 @@ fn compile_source(
         not_principals: strs(cx, path, "notPrincipals", &s.not_principals)?,
         namespaces: strs(cx, path, "namespaces", &s.namespaces)?,
         not_namespaces: strs(cx, path, "notNamespaces", &s.not_namespaces)?,
-        service_accounts: service_accounts(
-            cx,
-            path,
-            "serviceAccounts",
-            &s.service_accounts,
-            policy_ns,
-        )?,
-        not_service_accounts: service_accounts(
-            cx,
-            path,
-            "notServiceAccounts",
-            &s.not_service_accounts,
-            policy_ns,
-        )?,
+        service_accounts: service_accounts(cx, path, "serviceAccounts", &s.service_accounts, policy_ns)?,
+        not_service_accounts: service_accounts(cx, path, "notServiceAccounts", &s.not_service_accounts, policy_ns)?,
         trust_domains: trust_domains(cx, path, "trustDomains", &s.trust_domains)?,
         not_trust_domains: trust_domains(cx, path, "notTrustDomains", &s.not_trust_domains)?,
         source_ips: ips(cx, path, "ipBlocks", &s.ip_blocks)?,
@@ -620,12 +523,7 @@ fn compile_source(
     })
 }
 
-fn compile_operation(
-    cx: &Ctx<'_>,
-    path: &str,
-    op: &Operation,
-    l7: &mut Vec<String>,
-) -> Result<Match, PolicyError> {
+fn compile_operation(cx: &Ctx<'_>, path: &str, op: &Operation, l7: &mut Vec<String>) -> Result<Match, PolicyError> {
     let http: [(&str, &Vec<String>); 6] = [
         ("hosts", &op.hosts),
         ("notHosts", &op.not_hosts),
@@ -655,11 +553,7 @@ fn is_l7_attribute(key: &str) -> Option<Result<(), String>> {
     let map_key = |prefix: &str| {
         key.strip_prefix(prefix).map(|rest| {
             let ok = rest.starts_with('[') && rest.ends_with(']') && rest.len() > 2;
-            if ok {
-                Ok(())
-            } else {
-                Err(format!("bad key {key:?}: expected {prefix}[NAME]"))
-            }
+            if ok { Ok(()) } else { Err(format!("bad key {key:?}: expected {prefix}[NAME]")) }
         })
     };
     if let Some(r) = map_key("request.headers").or_else(|| map_key("request.auth.claims")) {
@@ -668,19 +562,11 @@ fn is_l7_attribute(key: &str) -> Option<Result<(), String>> {
     if key.starts_with("experimental.envoy.filters.") {
         let open = key.find('[');
         let ok = key.ends_with(']') && open.is_some_and(|o| o > 0 && o < key.len() - 2);
-        return Some(if ok {
-            Ok(())
-        } else {
-            Err(format!("bad key {key:?}: expected a[b]"))
-        });
+        return Some(if ok { Ok(()) } else { Err(format!("bad key {key:?}: expected a[b]")) });
     }
     matches!(
         key,
-        "remote.ip"
-            | "request.auth.principal"
-            | "request.auth.audiences"
-            | "request.auth.presenter"
-            | "connection.sni"
+        "remote.ip" | "request.auth.principal" | "request.auth.audiences" | "request.auth.presenter" | "connection.sni"
     )
     .then_some(Ok(()))
 }
@@ -705,30 +591,19 @@ fn compile_condition(
     let mut m = Match::default();
     match key {
         "source.ip" => {
-            (m.source_ips, m.not_source_ips) =
-                (ips(cx, path, "values", v)?, ips(cx, path, "notValues", nv)?)
+            (m.source_ips, m.not_source_ips) = (ips(cx, path, "values", v)?, ips(cx, path, "notValues", nv)?)
         }
         "destination.ip" => {
-            (m.dest_ips, m.not_dest_ips) =
-                (ips(cx, path, "values", v)?, ips(cx, path, "notValues", nv)?)
+            (m.dest_ips, m.not_dest_ips) = (ips(cx, path, "values", v)?, ips(cx, path, "notValues", nv)?)
         }
         "destination.port" => {
-            (m.ports, m.not_ports) = (
-                ports(cx, path, "values", v)?,
-                ports(cx, path, "notValues", nv)?,
-            )
+            (m.ports, m.not_ports) = (ports(cx, path, "values", v)?, ports(cx, path, "notValues", nv)?)
         }
         "source.namespace" => {
-            (m.namespaces, m.not_namespaces) = (
-                strs(cx, path, "values", v)?,
-                strs(cx, path, "notValues", nv)?,
-            )
+            (m.namespaces, m.not_namespaces) = (strs(cx, path, "values", v)?, strs(cx, path, "notValues", nv)?)
         }
         "source.principal" => {
-            (m.principals, m.not_principals) = (
-                strs(cx, path, "values", v)?,
-                strs(cx, path, "notValues", nv)?,
-            )
+            (m.principals, m.not_principals) = (strs(cx, path, "values", v)?, strs(cx, path, "notValues", nv)?)
         }
         // Both come from the peer certificate, so weft enforces them at L4 (istiod does not
         // translate them for ztunnel, which drops ALLOW rules using them).
@@ -739,28 +614,17 @@ fn compile_condition(
             );
         }
         "source.trustDomain" => {
-            (m.trust_domains, m.not_trust_domains) = (
-                trust_domains(cx, path, "values", v)?,
-                trust_domains(cx, path, "notValues", nv)?,
-            )
+            (m.trust_domains, m.not_trust_domains) =
+                (trust_domains(cx, path, "values", v)?, trust_domains(cx, path, "notValues", nv)?)
         }
         "destination.namespace" => {
-            return Err(cx.err(
-                format!("{path}.key"),
-                "destination.namespace is replaced by the policy's namespace",
-            ));
+            return Err(cx.err(format!("{path}.key"), "destination.namespace is replaced by the policy's namespace"));
         }
         k if k.starts_with("destination.labels") => {
-            return Err(cx.err(
-                format!("{path}.key"),
-                "destination.labels is replaced by the workload selector",
-            ));
+            return Err(cx.err(format!("{path}.key"), "destination.labels is replaced by the workload selector"));
         }
         "destination.name" | "destination.user" => {
-            return Err(cx.err(
-                format!("{path}.key"),
-                format!("{key} is deprecated (v1alpha1 only)"),
-            ));
+            return Err(cx.err(format!("{path}.key"), format!("{key} is deprecated (v1alpha1 only)")));
         }
         _ => match is_l7_attribute(key) {
             Some(Ok(())) => {
@@ -774,7 +638,9 @@ fn compile_condition(
             None => {
                 return Err(cx.err(
                     format!("{path}.key"),
-                    format!("unknown attribute {key:?}; see istio.io/latest/docs/reference/config/security/conditions/"),
+                    format!(
+                        "unknown attribute {key:?}; see istio.io/latest/docs/reference/config/security/conditions/"
+                    ),
                 ));
             }
         },

@@ -42,11 +42,7 @@ type Age = (bool, Option<Time>, String);
 
 fn age(pa: &PeerAuthentication) -> Age {
     let ts = pa.metadata.creation_timestamp.clone();
-    (
-        ts.is_none(),
-        ts,
-        pa.metadata.name.clone().unwrap_or_default(),
-    )
+    (ts.is_none(), ts, pa.metadata.name.clone().unwrap_or_default())
 }
 
 fn mode_of(m: &Option<crd::MutualTls>) -> crd::MtlsMode {
@@ -88,11 +84,7 @@ impl PeerPolicies {
                 errors.push(e);
                 continue;
             }
-            let whole = pa
-                .spec
-                .selector
-                .as_ref()
-                .is_none_or(|s| s.match_labels.is_empty());
+            let whole = pa.spec.selector.as_ref().is_none_or(|s| s.match_labels.is_empty());
             if whole && namespace == root_namespace {
                 mesh.push((pa, age(pa)));
             } else if whole {
@@ -111,25 +103,15 @@ impl PeerPolicies {
                     .map(|(p, m)| (u16::try_from(*p).unwrap_or_default(), m.mode))
                     .collect();
                 let level = WorkloadLevel {
-                    selector: pa
-                        .spec
-                        .selector
-                        .as_ref()
-                        .map(|s| s.match_labels.clone())
-                        .unwrap_or_default(),
+                    selector: pa.spec.selector.as_ref().map(|s| s.match_labels.clone()).unwrap_or_default(),
                     mode: mode_of(&pa.spec.mtls),
                     ports,
                 };
-                workloads
-                    .entry(namespace.to_owned())
-                    .or_default()
-                    .push((age(pa), level));
+                workloads.entry(namespace.to_owned()).or_default().push((age(pa), level));
             }
         }
 
-        let mut pick = |scope: &str,
-                        mut candidates: Vec<(&PeerAuthentication, Age)>|
-         -> Option<Level> {
+        let mut pick = |scope: &str, mut candidates: Vec<(&PeerAuthentication, Age)>| -> Option<Level> {
             candidates.sort_by(|a, b| a.1.cmp(&b.1));
             let (winner, _) = candidates.first()?;
             let wname = winner.metadata.name.clone().unwrap_or_default();
@@ -146,16 +128,11 @@ impl PeerPolicies {
                 });
             }
             let ns = winner.metadata.namespace.as_deref().unwrap_or("default");
-            Some(Level {
-                key: format!("{ns}/{wname}"),
-                mode: mode_of(&winner.spec.mtls),
-            })
+            Some(Level { key: format!("{ns}/{wname}"), mode: mode_of(&winner.spec.mtls) })
         };
         let mesh = pick("mesh-wide", mesh);
-        let namespaces = namespaces
-            .into_iter()
-            .filter_map(|(ns, c)| Some((ns.to_owned(), pick("namespace", c)?)))
-            .collect();
+        let namespaces =
+            namespaces.into_iter().filter_map(|(ns, c)| Some((ns.to_owned(), pick("namespace", c)?))).collect();
         let workloads = workloads
             .into_iter()
             .map(|(ns, mut levels)| {
@@ -163,40 +140,25 @@ impl PeerPolicies {
                 (ns, levels.into_iter().map(|(_, l)| l).collect())
             })
             .collect();
-        PeerPolicies {
-            mesh,
-            namespaces,
-            workloads,
-        }
+        PeerPolicies { mesh, namespaces, workloads }
     }
 
-    pub fn mtls_mode(
-        &self,
-        namespace: &str,
-        labels: &BTreeMap<String, String>,
-        port: u16,
-    ) -> MtlsMode {
+    pub fn mtls_mode(&self, namespace: &str, labels: &BTreeMap<String, String>, port: u16) -> MtlsMode {
         // Istio applies only the oldest workload policy that selects the workload.
-        let workload = self.workloads.get(namespace).and_then(|ws| {
-            ws.iter()
-                .find(|w| w.selector.iter().all(|(k, v)| labels.get(k) == Some(v)))
-        });
+        let workload = self
+            .workloads
+            .get(namespace)
+            .and_then(|ws| ws.iter().find(|w| w.selector.iter().all(|(k, v)| labels.get(k) == Some(v))));
         workload
             .and_then(|w| w.ports.get(&port).copied().and_then(effective))
             .or_else(|| workload.and_then(|w| effective(w.mode)))
-            .or_else(|| {
-                self.namespaces
-                    .get(namespace)
-                    .and_then(|l| effective(l.mode))
-            })
+            .or_else(|| self.namespaces.get(namespace).and_then(|l| effective(l.mode)))
             .or_else(|| self.mesh.as_ref().and_then(|l| effective(l.mode)))
             .unwrap_or(MtlsMode::Permissive)
     }
 
     pub fn len(&self) -> usize {
-        usize::from(self.mesh.is_some())
-            + self.namespaces.len()
-            + self.workloads.values().map(Vec::len).sum::<usize>()
+        usize::from(self.mesh.is_some()) + self.namespaces.len() + self.workloads.values().map(Vec::len).sum::<usize>()
     }
 
     /// `namespace/name` of the mesh-wide policy in force, if any (for `weft ctl`).
@@ -205,37 +167,22 @@ impl PeerPolicies {
     }
 }
 
-fn validate(
-    pa: &PeerAuthentication,
-    err: &impl Fn(String, String) -> PolicyError,
-) -> Result<(), PolicyError> {
+fn validate(pa: &PeerAuthentication, err: &impl Fn(String, String) -> PolicyError) -> Result<(), PolicyError> {
     if pa.metadata.name.as_deref().unwrap_or("").is_empty() {
         return Err(err("metadata.name".into(), "a policy needs a name".into()));
     }
     if let Some(sel) = &pa.spec.selector {
         validate_selector_labels(sel, err)?;
     }
-    let whole = pa
-        .spec
-        .selector
-        .as_ref()
-        .is_none_or(|s| s.match_labels.is_empty());
+    let whole = pa.spec.selector.as_ref().is_none_or(|s| s.match_labels.is_empty());
     if whole && !pa.spec.port_level_mtls.is_empty() {
         return Err(err(
             "spec.portLevelMtls".into(),
             "mesh- and namespace-wide policies cannot have port-level mTLS; add a selector".into(),
         ));
     }
-    if let Some(p) = pa
-        .spec
-        .port_level_mtls
-        .keys()
-        .find(|p| **p == 0 || **p > 65535)
-    {
-        return Err(err(
-            format!("spec.portLevelMtls.{p}"),
-            "ports must be in 1-65535".into(),
-        ));
+    if let Some(p) = pa.spec.port_level_mtls.keys().find(|p| **p == 0 || **p > 65535) {
+        return Err(err(format!("spec.portLevelMtls.{p}"), "ports must be in 1-65535".into()));
     }
     Ok(())
 }

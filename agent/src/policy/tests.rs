@@ -50,11 +50,7 @@ const BASE: C = C {
 };
 
 fn decide(p: &Policies, c: C) -> Decision {
-    let labels: BTreeMap<String, String> = c
-        .labels
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    let labels: BTreeMap<String, String> = c.labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     p.authorize(&Connection {
         source_principal: c.principal,
         source_namespace: None,
@@ -67,9 +63,7 @@ fn decide(p: &Policies, c: C) -> Decision {
 }
 
 fn deny(p: &str) -> Decision {
-    Decision::Deny {
-        policy: p.to_owned(),
-    }
+    Decision::Deny { policy: p.to_owned() }
 }
 
 const ALLOW: Decision = Decision::Allow;
@@ -158,47 +152,18 @@ fn authorization_table() {
 
 #[test]
 fn warnings_explain_what_l4_cannot_enforce() {
-    let yaml = ap(
-        "a",
-        "demo",
-        "{rules: [{to: [{operation: {methods: [GET]}}]}]}",
-    ) + &ap(
-        "d1",
-        "demo",
-        "{action: DENY, rules: [{to: [{operation: {ports: ['1'], paths: [/x]}}]}]}",
-    ) + &ap(
-        "d2",
-        "demo",
-        "{action: DENY, rules: [{to: [{operation: {paths: [/x]}}]}]}",
-    ) + &ap(
-        "c",
-        "demo",
-        "{action: CUSTOM, provider: {name: ext}, rules: [{}]}",
-    );
+    let yaml = ap("a", "demo", "{rules: [{to: [{operation: {methods: [GET]}}]}]}")
+        + &ap("d1", "demo", "{action: DENY, rules: [{to: [{operation: {ports: ['1'], paths: [/x]}}]}]}")
+        + &ap("d2", "demo", "{action: DENY, rules: [{to: [{operation: {paths: [/x]}}]}]}")
+        + &ap("c", "demo", "{action: CUSTOM, provider: {name: ext}, rules: [{}]}");
     let (p, errors) = compile(&yaml);
     assert!(errors.is_empty(), "{errors:?}");
     let w = p.warnings().join("\n");
-    assert!(
-        w.contains("demo/a: spec.rules[0] uses HTTP attributes (methods)")
-            && w.contains("left out"),
-        "{w}"
-    );
-    assert!(
-        w.contains("demo/d1") && w.contains("stricter than requested"),
-        "{w}"
-    );
-    assert!(
-        w.contains("demo/d2") && w.contains("denies nothing here"),
-        "{w}"
-    );
-    assert!(
-        w.contains("demo/c: action Custom is not supported at L4"),
-        "{w}"
-    );
-    assert!(
-        !w.contains("demo/wp"),
-        "waypoint policies are not L4's business: {w}"
-    );
+    assert!(w.contains("demo/a: spec.rules[0] uses HTTP attributes (methods)") && w.contains("left out"), "{w}");
+    assert!(w.contains("demo/d1") && w.contains("stricter than requested"), "{w}");
+    assert!(w.contains("demo/d2") && w.contains("denies nothing here"), "{w}");
+    assert!(w.contains("demo/c: action Custom is not supported at L4"), "{w}");
+    assert!(!w.contains("demo/wp"), "waypoint policies are not L4's business: {w}");
     assert_eq!(p.warnings().len(), 4, "{w}");
     assert_eq!(p.authorization_policy_count(), 3);
 }
@@ -283,23 +248,12 @@ fn mtls_mode_table() {
 fn conflicting_namespace_policies_keep_the_oldest_then_name_order() {
     let labels = BTreeMap::new();
     // Without timestamps: name order.
-    let (p, errors) = compile(
-        &(pa("b", "demo", "{mtls: {mode: PERMISSIVE}}")
-            + &pa("a", "demo", "{mtls: {mode: STRICT}}")),
-    );
+    let (p, errors) =
+        compile(&(pa("b", "demo", "{mtls: {mode: PERMISSIVE}}") + &pa("a", "demo", "{mtls: {mode: STRICT}}")));
     assert_eq!(p.mtls_mode("demo", &labels, 1), MtlsMode::Strict);
     assert_eq!(errors.len(), 1, "{errors:?}");
-    assert_eq!(
-        (errors[0].name.as_str(), errors[0].kind),
-        ("b", PolicyKind::PeerAuthentication)
-    );
-    assert!(
-        errors[0]
-            .reason
-            .contains("a already sets the namespace mTLS mode"),
-        "{}",
-        errors[0]
-    );
+    assert_eq!((errors[0].name.as_str(), errors[0].kind), ("b", PolicyKind::PeerAuthentication));
+    assert!(errors[0].reason.contains("a already sets the namespace mTLS mode"), "{}", errors[0]);
 
     // With timestamps: the oldest, whatever its name.
     let yaml = "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: a, namespace: istio-system, creationTimestamp: '2026-05-02T00:00:00Z'}\nspec: {mtls: {mode: STRICT}}\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: z, namespace: istio-system, creationTimestamp: '2026-05-01T00:00:00Z'}\nspec: {mtls: {mode: PERMISSIVE}}\n";
@@ -314,36 +268,15 @@ fn conflicting_namespace_policies_keep_the_oldest_then_name_order() {
 fn invalid_peer_authentications_are_reported() {
     let (p, errors) = compile(
         &(pa("ns", "demo", "{portLevelMtls: {80: {mode: STRICT}}}")
-            + &pa(
-                "zero",
-                "demo",
-                "{selector: {matchLabels: {app: db}}, portLevelMtls: {0: {mode: STRICT}}}",
-            )
+            + &pa("zero", "demo", "{selector: {matchLabels: {app: db}}, portLevelMtls: {0: {mode: STRICT}}}")
             + &pa("ok", "demo", "{mtls: {mode: STRICT}}")),
     );
-    let got: Vec<(&str, &str)> = errors
-        .iter()
-        .map(|e| (e.name.as_str(), e.field.as_str()))
-        .collect();
-    assert_eq!(
-        got,
-        [
-            ("ns", "spec.portLevelMtls"),
-            ("zero", "spec.portLevelMtls.0")
-        ]
-    );
+    let got: Vec<(&str, &str)> = errors.iter().map(|e| (e.name.as_str(), e.field.as_str())).collect();
+    assert_eq!(got, [("ns", "spec.portLevelMtls"), ("zero", "spec.portLevelMtls.0")]);
     assert_eq!(p.mtls_mode("demo", &BTreeMap::new(), 80), MtlsMode::Strict);
     assert_eq!(p.peer_authentication_count(), 1);
-    let (p, _) = compile(&pa(
-        "w",
-        "istio-system",
-        "{selector: {matchLabels: {app: db}}, mtls: {mode: STRICT}}",
-    ));
-    assert!(
-        p.warnings()[0].contains("ignored in ambient mode"),
-        "{:?}",
-        p.warnings()
-    );
+    let (p, _) = compile(&pa("w", "istio-system", "{selector: {matchLabels: {app: db}}, mtls: {mode: STRICT}}"));
+    assert!(p.warnings()[0].contains("ignored in ambient mode"), "{:?}", p.warnings());
 }
 
 #[test]
@@ -355,18 +288,14 @@ fn authorize_is_fast_enough_per_connection() {
         yaml += &ap(
             &format!("a{i}"),
             "demo",
-            &format!(
-                "{{rules: [{{from: [{{source: {{principals: [cluster.local/ns/x{i}/sa/y]}}}}]}}]}}"
-            ),
+            &format!("{{rules: [{{from: [{{source: {{principals: [cluster.local/ns/x{i}/sa/y]}}}}]}}]}}"),
         );
     }
     for i in 0..20 {
         yaml += &ap(
             &format!("d{i}"),
             "istio-system",
-            &format!(
-                "{{action: DENY, rules: [{{from: [{{source: {{ipBlocks: [192.168.{i}.0/24]}}}}]}}]}}"
-            ),
+            &format!("{{action: DENY, rules: [{{from: [{{source: {{ipBlocks: [192.168.{i}.0/24]}}}}]}}]}}"),
         );
     }
     let (p, errors) = compile(&yaml);
@@ -378,8 +307,5 @@ fn authorize_is_fast_enough_per_connection() {
     }
     let per = start.elapsed() / n;
     // Debug build; release is roughly 10x faster.
-    assert!(
-        per < std::time::Duration::from_micros(200),
-        "{per:?} per decision"
-    );
+    assert!(per < std::time::Duration::from_micros(200), "{per:?} per decision");
 }

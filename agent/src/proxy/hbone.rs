@@ -162,11 +162,7 @@ async fn plain_to_tunnel<R: AsyncRead + Unpin>(
     }
 }
 
-async fn tunnel_to_plain<W: AsyncWrite + Unpin>(
-    mut recv: RecvStream,
-    w: &mut W,
-    count: &mut u64,
-) -> Result<(), Error> {
+async fn tunnel_to_plain<W: AsyncWrite + Unpin>(mut recv: RecvStream, w: &mut W, count: &mut u64) -> Result<(), Error> {
     while let Some(chunk) = recv.data().await {
         let chunk = chunk?;
         let n = chunk.len();

@@ -154,7 +154,13 @@ async fn stream(
     );
 }
 
-pub(super) async fn handle_plaintext(proxy: Arc<Proxy>, pod: Arc<Pod>, tcp: TcpStream, peer: SocketAddr, _drain: Drain) {
+pub(super) async fn handle_plaintext(
+    proxy: Arc<Proxy>,
+    pod: Arc<Pod>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    _drain: Drain,
+) {
     let started = Instant::now();
     // sk_lookup keeps the packet's destination: our local address is where the client aimed.
     let Ok(dest) = tcp.local_addr().map(socket::canonical) else {
@@ -211,7 +217,14 @@ fn authorize(state: &State, me: &Workload, peer: SocketAddr, src: Option<&Identi
     })
 }
 
-fn labels(state: &State, me: &Workload, src_ip: IpAddr, src_id: Option<&Identity>, dest: SocketAddr, mtls: bool) -> ConnLabels {
+fn labels(
+    state: &State,
+    me: &Workload,
+    src_ip: IpAddr,
+    src_id: Option<&Identity>,
+    dest: SocketAddr,
+    mtls: bool,
+) -> ConnLabels {
     // The source's workload labels come from the snapshot when its address is known and, under
     // mTLS, only if it agrees with the authenticated identity.
     let source = match state.workload_by_ip(src_ip) {
@@ -219,10 +232,11 @@ fn labels(state: &State, me: &Workload, src_ip: IpAddr, src_id: Option<&Identity
         _ => Peer { principal: src_id.map(|i| i.to_string()).unwrap_or_else(|| "unknown".into()), ..Peer::default() },
     };
     let source = if src_id.is_none() { Peer { principal: "unknown".into(), ..source } } else { source };
-    let service = state
-        .services_by_vip
-        .values()
-        .find(|s| s.namespace == me.namespace && s.endpoints.iter().any(|e| e.name == me.name) && s.ports.iter().any(|p| p.target_port == dest.port()));
+    let service = state.services_by_vip.values().find(|s| {
+        s.namespace == me.namespace
+            && s.endpoints.iter().any(|e| e.name == me.name)
+            && s.ports.iter().any(|p| p.target_port == dest.port())
+    });
     let mut l = ConnLabels {
         reporter: Reporter::Destination,
         source,

@@ -94,7 +94,18 @@ pub(super) async fn handle(proxy: Arc<Proxy>, pod: Arc<Pod>, tcp: TcpStream, pee
             let res = tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await;
             let (up, down) = res.as_ref().map(|(a, b)| (*a, *b)).unwrap_or((0, 0));
             conn.closed(up, down);
-            access_log(&pod, peer, orig, target, &src.identity, None, up, down, started, res.err().map(|e| e.to_string()));
+            access_log(
+                &pod,
+                peer,
+                orig,
+                target,
+                &src.identity,
+                None,
+                up,
+                down,
+                started,
+                res.err().map(|e| e.to_string()),
+            );
         }
         Route::Mesh { dest, service, target } => {
             let labels = labels(&src, Some(&dest), service.as_deref(), target, true);
@@ -131,7 +142,8 @@ async fn open_tunnel(
     dest: &Workload,
     target: SocketAddr,
 ) -> Result<(h2::SendStream<bytes::Bytes>, h2::RecvStream), String> {
-    let cert = proxy.certs.fetch(&src.identity).await.map_err(|e| format!("no certificate for {}: {e}", src.identity))?;
+    let cert =
+        proxy.certs.fetch(&src.identity).await.map_err(|e| format!("no certificate for {}: {e}", src.identity))?;
     let key = pool::Key {
         src_netns: pod.netns.cookie(),
         src: src.identity.clone(),
@@ -197,7 +209,13 @@ fn baggage(w: &Workload) -> String {
     )
 }
 
-fn labels(src: &Workload, dest: Option<&Workload>, service: Option<&Service>, target: SocketAddr, mtls: bool) -> ConnLabels {
+fn labels(
+    src: &Workload,
+    dest: Option<&Workload>,
+    service: Option<&Service>,
+    target: SocketAddr,
+    mtls: bool,
+) -> ConnLabels {
     let mut l = ConnLabels {
         reporter: Reporter::Source,
         source: peer_labels(src),

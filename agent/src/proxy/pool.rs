@@ -83,7 +83,11 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn key() -> Key {
-        let id = |sa: &str| Identity { trust_domain: "cluster.local".into(), namespace: "ns".into(), service_account: sa.into() };
+        let id = |sa: &str| Identity {
+            trust_domain: "cluster.local".into(),
+            namespace: "ns".into(),
+            service_account: sa.into(),
+        };
         Key { src_netns: 1, src: id("a"), dst: id("b"), dst_addr: "10.0.0.2:15008".parse().unwrap() }
     }
 

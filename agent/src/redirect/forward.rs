@@ -105,7 +105,9 @@ fn record(counters: &Counters, bytes: &[u8]) {
             tracing::warn!(target: TARGET, pod_ip = %addr, port = ev.port, errno = ev.detail,
                 "inbound connection to an enrolled pod refused: its inbound listener is missing (agent restarting, or the pod was not re-enrolled)");
         }
-        other => tracing::warn!(target: TARGET, kind = other, "unknown eBPF event kind (object and agent out of step?)"),
+        other => {
+            tracing::warn!(target: TARGET, kind = other, "unknown eBPF event kind (object and agent out of step?)")
+        }
     }
 }
 
@@ -118,7 +120,9 @@ pub async fn run(sources: Sources, counters: Arc<Counters>, shutdown: impl Futur
     let (mut logs, mut events) = match (logs, events) {
         (Ok(l), Ok(e)) => (l, e),
         (Err(e), _) => return tracing::error!(error = %e, "cannot poll the eBPF log ring buffer; eBPF logs are lost"),
-        (_, Err(e)) => return tracing::error!(error = %e, "cannot poll the eBPF event ring buffer; eBPF events are lost"),
+        (_, Err(e)) => {
+            return tracing::error!(error = %e, "cannot poll the eBPF event ring buffer; eBPF events are lost");
+        }
     };
     tokio::pin!(shutdown);
     loop {

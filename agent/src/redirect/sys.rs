@@ -56,7 +56,8 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
 /// Points an existing link at `prog` (same program type and attach type). Fails with
 /// `ENOLINK` when the link's target is gone (e.g. its network namespace was deleted).
 pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
-    let mut attr = LinkUpdateAttr { link_fd: link.as_raw_fd() as u32, new_prog_fd: prog.as_raw_fd() as u32, ..Default::default() };
+    let mut attr =
+        LinkUpdateAttr { link_fd: link.as_raw_fd() as u32, new_prog_fd: prog.as_raw_fd() as u32, ..Default::default() };
     bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
 }
 

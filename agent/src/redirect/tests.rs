@@ -36,7 +36,11 @@ struct Pins(Options);
 
 impl Pins {
     fn new(name: &str, per_connection_events: bool) -> Self {
-        let opts = Options { pin_dir: format!("/sys/fs/bpf/weft-test-{name}").into(), per_connection_events, ..Options::default() };
+        let opts = Options {
+            pin_dir: format!("/sys/fs/bpf/weft-test-{name}").into(),
+            per_connection_events,
+            ..Options::default()
+        };
         Redirect::remove_all(&opts).expect("remove leftover test pins");
         Pins(opts)
     }
@@ -344,7 +348,8 @@ fn inbound_is_steered_to_15006_and_fails_closed() {
 
 /// Links attached to the program currently pinned under `name`.
 fn links_of(pin_dir: &Path, name: &str) -> (u32, usize) {
-    let prog = aya::programs::ProgramInfo::from_pin(pin_dir.join(format!("{PROG_PREFIX}{name}"))).expect("pinned program");
+    let prog =
+        aya::programs::ProgramInfo::from_pin(pin_dir.join(format!("{PROG_PREFIX}{name}"))).expect("pinned program");
     let id = prog.id();
     let links = aya::programs::loaded_links().filter_map(Result::ok).filter(|l| l.program_id() == id).count();
     (id, links)
@@ -388,7 +393,8 @@ fn pinned_state_survives_the_agent_and_is_readopted() {
     assert_ne!(new_connect4.0, old_connect4.0, "a fresh program is loaded");
     assert_eq!(new_connect4.1, 1, "the pinned connect4 link now runs the new program");
     assert_eq!(new_sk_lookup.1, 1, "the pinned sk_lookup link now runs the new program");
-    let stale = aya::programs::loaded_links().filter_map(Result::ok).filter(|l| l.program_id() == old_connect4.0).count();
+    let stale =
+        aya::programs::loaded_links().filter_map(Result::ok).filter(|l| l.program_id() == old_connect4.0).count();
     assert_eq!(stale, 0, "no link still runs the old program");
 
     let cap4 = listen(&net.pod, "127.0.0.1:15001".parse().unwrap());

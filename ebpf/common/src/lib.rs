@@ -101,9 +101,7 @@ impl IpKey {
     pub const fn octets(&self) -> [u8; 16] {
         let [a, b, c, d] = self.addr;
         let (a, b, c, d) = (a.to_ne_bytes(), b.to_ne_bytes(), c.to_ne_bytes(), d.to_ne_bytes());
-        [
-            a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3],
-        ]
+        [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3]]
     }
 
     pub const fn from_octets(o: [u8; 16]) -> Self {

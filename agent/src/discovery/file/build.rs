@@ -19,8 +19,7 @@ use crate::identity::Identity;
 use crate::netns::NAMED_NETNS_DIR;
 use crate::policy::{Policies, PolicyKind};
 use crate::state::{
-    DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE, Service, ServicePort, State,
-    Workload,
+    DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE, Service, ServicePort, State, Workload,
 };
 
 /// What is wrong with one object: the path of the offending field and why.
@@ -31,11 +30,7 @@ pub(in crate::discovery) struct Bad {
 }
 
 /// Labels Istio reads, in order, for a workload's canonical name.
-const WORKLOAD_NAME_LABELS: [&str; 3] = [
-    "service.istio.io/canonical-name",
-    "app.kubernetes.io/name",
-    "app",
-];
+const WORKLOAD_NAME_LABELS: [&str; 3] = ["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"];
 
 /// The namespace every cluster has without declaring it.
 const DEFAULT_NAMESPACE: &str = "default";
@@ -45,13 +40,7 @@ struct Cx<'a> {
 }
 
 impl Cx<'_> {
-    fn err(
-        &self,
-        doc: usize,
-        object: &str,
-        field: Option<&str>,
-        reason: impl Into<String>,
-    ) -> FileError {
+    fn err(&self, doc: usize, object: &str, field: Option<&str>, reason: impl Into<String>) -> FileError {
         FileError::Invalid {
             file: self.file.to_owned(),
             doc,
@@ -75,19 +64,14 @@ pub(in crate::discovery) fn name_of(meta: &ObjectMeta) -> &str {
 }
 
 pub(in crate::discovery) fn describe(kind: &str, meta: &ObjectMeta, namespaced: bool) -> String {
-    if namespaced {
-        format!("{kind} {}/{}", ns_of(meta), name_of(meta))
-    } else {
-        format!("{kind} {}", name_of(meta))
-    }
+    if namespaced { format!("{kind} {}/{}", ns_of(meta), name_of(meta)) } else { format!("{kind} {}", name_of(meta)) }
 }
 
 /// RFC 1123 label (namespaces): what Kubernetes requires, and what keeps SPIFFE IDs well formed.
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -100,49 +84,15 @@ fn is_dns_subdomain(s: &str) -> bool {
 /// Checks names, namespaces and uniqueness of every object, in document order.
 fn check_metadata(cx: &Cx<'_>, objects: &Objects) -> Result<(), FileError> {
     let mut all: Vec<(usize, &'static str, &ObjectMeta, bool)> = Vec::new();
-    all.extend(
-        objects
-            .namespaces
-            .iter()
-            .map(|(d, o)| (*d, "Namespace", &o.metadata, false)),
-    );
-    all.extend(
-        objects
-            .service_accounts
-            .iter()
-            .map(|(d, o)| (*d, "ServiceAccount", &o.metadata, true)),
-    );
-    all.extend(
-        objects
-            .pods
-            .iter()
-            .map(|(d, o)| (*d, "Pod", &o.metadata, true)),
-    );
-    all.extend(
-        objects
-            .services
-            .iter()
-            .map(|(d, o)| (*d, "Service", &o.metadata, true)),
-    );
-    all.extend(
-        objects
-            .authorization_policies
-            .iter()
-            .map(|(d, o)| (*d, "AuthorizationPolicy", &o.metadata, true)),
-    );
-    all.extend(
-        objects
-            .peer_authentications
-            .iter()
-            .map(|(d, o)| (*d, "PeerAuthentication", &o.metadata, true)),
-    );
+    all.extend(objects.namespaces.iter().map(|(d, o)| (*d, "Namespace", &o.metadata, false)));
+    all.extend(objects.service_accounts.iter().map(|(d, o)| (*d, "ServiceAccount", &o.metadata, true)));
+    all.extend(objects.pods.iter().map(|(d, o)| (*d, "Pod", &o.metadata, true)));
+    all.extend(objects.services.iter().map(|(d, o)| (*d, "Service", &o.metadata, true)));
+    all.extend(objects.authorization_policies.iter().map(|(d, o)| (*d, "AuthorizationPolicy", &o.metadata, true)));
+    all.extend(objects.peer_authentications.iter().map(|(d, o)| (*d, "PeerAuthentication", &o.metadata, true)));
     all.sort_by_key(|(doc, ..)| *doc);
 
-    let declared: HashSet<&str> = objects
-        .namespaces
-        .iter()
-        .map(|(_, n)| name_of(&n.metadata))
-        .collect();
+    let declared: HashSet<&str> = objects.namespaces.iter().map(|(_, n)| name_of(&n.metadata)).collect();
     let mut seen: HashMap<(&str, &str, &str), usize> = HashMap::new();
     for (doc, kind, meta, namespaced) in all {
         let object = describe(kind, meta, namespaced);
@@ -166,9 +116,7 @@ fn check_metadata(cx: &Cx<'_>, objects: &Objects) -> Result<(), FileError> {
                 doc,
                 &object,
                 Some("metadata.namespace"),
-                format!(
-                    "namespace {ns:?} is not declared; add a `kind: Namespace` document for it"
-                ),
+                format!("namespace {ns:?} is not declared; add a `kind: Namespace` document for it"),
             ));
         }
         if let Some(first) = seen.insert((kind, ns, name), doc) {
@@ -190,18 +138,10 @@ pub(super) fn build(objects: Objects, file: &str, opts: &FileOptions) -> Result<
     let namespaces: HashMap<String, BTreeMap<String, String>> = objects
         .namespaces
         .iter()
-        .map(|(_, n)| {
-            (
-                name_of(&n.metadata).to_owned(),
-                n.metadata.labels.clone().unwrap_or_default(),
-            )
-        })
+        .map(|(_, n)| (name_of(&n.metadata).to_owned(), n.metadata.labels.clone().unwrap_or_default()))
         .collect();
-    let service_accounts: HashSet<(&str, &str)> = objects
-        .service_accounts
-        .iter()
-        .map(|(_, sa)| (ns_of(&sa.metadata), name_of(&sa.metadata)))
-        .collect();
+    let service_accounts: HashSet<(&str, &str)> =
+        objects.service_accounts.iter().map(|(_, sa)| (ns_of(&sa.metadata), name_of(&sa.metadata))).collect();
 
     // Workloads, and which document owns each IP (pods and service VIPs share one address space).
     let mut ip_owner: HashMap<IpAddr, (String, usize)> = HashMap::new();
@@ -209,13 +149,8 @@ pub(super) fn build(objects: Objects, file: &str, opts: &FileOptions) -> Result<
     let mut by_namespace: HashMap<&str, Vec<(&Pod, Arc<Workload>)>> = HashMap::new();
     for (doc, pod) in &objects.pods {
         let object = describe("Pod", &pod.metadata, true);
-        let (workload, ip_fields) = workload(
-            pod,
-            &namespaces,
-            Some(&service_accounts),
-            &opts.trust_domain,
-        )
-        .map_err(|bad| cx.bad(*doc, &object, bad))?;
+        let (workload, ip_fields) = workload(pod, &namespaces, Some(&service_accounts), &opts.trust_domain)
+            .map_err(|bad| cx.bad(*doc, &object, bad))?;
         let workload = Arc::new(workload);
         for (field, ip) in ip_fields {
             if let Some((other, other_doc)) = ip_owner.insert(ip, (object.clone(), *doc)) {
@@ -228,10 +163,7 @@ pub(super) fn build(objects: Objects, file: &str, opts: &FileOptions) -> Result<
             }
             workloads_by_ip.insert(ip, workload.clone());
         }
-        by_namespace
-            .entry(ns_of(&pod.metadata))
-            .or_default()
-            .push((pod, workload));
+        by_namespace.entry(ns_of(&pod.metadata)).or_default().push((pod, workload));
     }
     for pods in by_namespace.values_mut() {
         pods.sort_by(|a, b| a.1.name.cmp(&b.1.name));
@@ -240,8 +172,8 @@ pub(super) fn build(objects: Objects, file: &str, opts: &FileOptions) -> Result<
     let mut services_by_vip = HashMap::new();
     for (doc, svc) in &objects.services {
         let object = describe("Service", &svc.metadata, true);
-        let Some((service, vip_fields)) = service(svc, Endpoints::Selector(&by_namespace))
-            .map_err(|bad| cx.bad(*doc, &object, bad))?
+        let Some((service, vip_fields)) =
+            service(svc, Endpoints::Selector(&by_namespace)).map_err(|bad| cx.bad(*doc, &object, bad))?
         else {
             continue;
         };
@@ -259,16 +191,8 @@ pub(super) fn build(objects: Objects, file: &str, opts: &FileOptions) -> Result<
         }
     }
 
-    let aps: Vec<_> = objects
-        .authorization_policies
-        .iter()
-        .map(|(_, p)| p.clone())
-        .collect();
-    let pas: Vec<_> = objects
-        .peer_authentications
-        .iter()
-        .map(|(_, p)| p.clone())
-        .collect();
+    let aps: Vec<_> = objects.authorization_policies.iter().map(|(_, p)| p.clone()).collect();
+    let pas: Vec<_> = objects.peer_authentications.iter().map(|(_, p)| p.clone()).collect();
     let (policies, errors) = Policies::compile(&aps, &pas, &opts.root_namespace);
     // In a file, a policy the cluster would reject is a mistake to fix, not something to run
     // without: fail the load so the last good configuration stays in force.
@@ -287,21 +211,12 @@ pub(super) fn build(objects: Objects, file: &str, opts: &FileOptions) -> Result<
         };
         found.unwrap_or(0)
     };
-    if let Some((doc, e)) = errors
-        .iter()
-        .map(|e| (doc_of(e.kind, &e.namespace, &e.name), e))
-        .min_by_key(|(d, _)| *d)
-    {
+    if let Some((doc, e)) = errors.iter().map(|e| (doc_of(e.kind, &e.namespace, &e.name), e)).min_by_key(|(d, _)| *d) {
         let object = format!("{} {}/{}", e.kind, e.namespace, e.name);
         return Err(cx.err(doc, &object, Some(&e.field), e.reason.clone()));
     }
 
-    Ok(State {
-        workloads_by_ip,
-        services_by_vip,
-        namespaces,
-        policies,
-    })
+    Ok(State { workloads_by_ip, services_by_vip, namespaces, policies })
 }
 
 /// One pod → a workload, plus its IPs with the field each came from. `service_accounts`: the
@@ -320,9 +235,7 @@ pub(in crate::discovery) fn workload(
     let spec = pod.spec.as_ref();
 
     let (sa_field, service_account) = match spec {
-        Some(s) if s.service_account_name.is_some() => {
-            ("spec.serviceAccountName", s.service_account_name.clone())
-        }
+        Some(s) if s.service_account_name.is_some() => ("spec.serviceAccountName", s.service_account_name.clone()),
         Some(s) => ("spec.serviceAccount", s.service_account.clone()),
         None => ("spec.serviceAccountName", None),
     };
@@ -344,33 +257,19 @@ pub(in crate::discovery) fn workload(
         service_account: service_account.clone(),
     };
     if !is_dns_subdomain(&service_account) {
-        return Err(err(
-            sa_field,
-            format!("{service_account:?} is not a valid ServiceAccount name"),
-        ));
+        return Err(err(sa_field, format!("{service_account:?} is not a valid ServiceAccount name")));
     }
 
     let ips = pod_ips(pod, &err)?;
 
-    let netns = match meta
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(NETNS_ANNOTATION))
-    {
+    let netns = match meta.annotations.as_ref().and_then(|a| a.get(NETNS_ANNOTATION)) {
         None => None,
-        Some(v) => Some(
-            netns_path(v)
-                .map_err(|why| err(&format!("metadata.annotations.{NETNS_ANNOTATION}"), why))?,
-        ),
+        Some(v) => Some(netns_path(v).map_err(|why| err(&format!("metadata.annotations.{NETNS_ANNOTATION}"), why))?),
     };
 
-    let ns_ambient = namespaces
-        .get(namespace)
-        .and_then(|l| l.get(DATAPLANE_MODE_LABEL))
-        .map(String::as_str)
+    let ns_ambient = namespaces.get(namespace).and_then(|l| l.get(DATAPLANE_MODE_LABEL)).map(String::as_str)
         == Some(DATAPLANE_MODE_AMBIENT);
-    let opted_out =
-        labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) == Some(DATAPLANE_MODE_NONE);
+    let opted_out = labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) == Some(DATAPLANE_MODE_NONE);
     // Host-network pods share the node's network namespace; Istio never captures them.
     let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
     let workload_name = WORKLOAD_NAME_LABELS
@@ -398,9 +297,7 @@ pub(in crate::discovery) fn workload(
 fn pod_ips<E>(pod: &Pod, err: &impl Fn(&str, String) -> E) -> Result<Vec<(String, IpAddr)>, E> {
     let status = pod.status.as_ref();
     let parse = |field: &str, s: &str| -> Result<IpAddr, E> {
-        let ip: IpAddr = s
-            .parse()
-            .map_err(|_| err(field, format!("invalid IP address {s:?}")))?;
+        let ip: IpAddr = s.parse().map_err(|_| err(field, format!("invalid IP address {s:?}")))?;
         if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
             return Err(err(field, format!("{ip} cannot be a pod IP")));
         }
@@ -411,12 +308,7 @@ fn pod_ips<E>(pod: &Pod, err: &impl Fn(&str, String) -> E) -> Result<Vec<(String
         None => None,
     };
     let mut ips = Vec::new();
-    for (i, p) in status
-        .and_then(|s| s.pod_ips.as_ref())
-        .into_iter()
-        .flatten()
-        .enumerate()
-    {
+    for (i, p) in status.and_then(|s| s.pod_ips.as_ref()).into_iter().flatten().enumerate() {
         let field = format!("status.podIPs[{i}].ip");
         let ip = parse(&field, &p.ip)?;
         if ips.iter().any(|(_, seen)| *seen == ip) {
@@ -426,16 +318,14 @@ fn pod_ips<E>(pod: &Pod, err: &impl Fn(&str, String) -> E) -> Result<Vec<(String
     }
     match (single, ips.first()) {
         (Some(a), Some((_, b))) if a != *b => {
-            return Err(err(
-                "status.podIPs[0].ip",
-                format!("must equal status.podIP ({a}), as Kubernetes requires"),
-            ));
+            return Err(err("status.podIPs[0].ip", format!("must equal status.podIP ({a}), as Kubernetes requires")));
         }
         (Some(a), None) => ips.push(("status.podIP".to_owned(), a)),
         (None, None) => {
             return Err(err(
                 "status.podIP",
-                "required: local mode has no IP allocator, so write the pod's address (status.podIP or status.podIPs)".into(),
+                "required: local mode has no IP allocator, so write the pod's address (status.podIP or status.podIPs)"
+                    .into(),
             ));
         }
         _ => {}
@@ -469,10 +359,7 @@ pub(in crate::discovery) enum Endpoints<'a> {
     Selector(&'a PodsByNamespace<'a>),
     /// Already resolved (from EndpointSlices): the ready workloads in name order, and the target
     /// port of each service port by service port name (`""` for an unnamed port).
-    Resolved {
-        workloads: Vec<Arc<Workload>>,
-        target_ports: HashMap<String, u16>,
-    },
+    Resolved { workloads: Vec<Arc<Workload>>, target_ports: HashMap<String, u16> },
 }
 
 /// One Service → its snapshot form plus VIPs with their fields. `None` for services that have no
@@ -486,34 +373,20 @@ pub(in crate::discovery) fn service(
     let err = |field: &str, reason: String| Bad { field: field.to_owned(), reason };
     let namespace = ns_of(&svc.metadata);
     let Some(spec) = svc.spec.as_ref() else {
-        return Err(err(
-            "spec",
-            "required: a Service needs spec.clusterIP and spec.ports".into(),
-        ));
+        return Err(err("spec", "required: a Service needs spec.clusterIP and spec.ports".into()));
     };
     if spec.type_.as_deref() == Some("ExternalName") {
-        tracing::debug!(
-            service = object,
-            "ExternalName service has no cluster IP; skipped"
-        );
+        tracing::debug!(service = object, "ExternalName service has no cluster IP; skipped");
         return Ok(None);
     }
     if spec.cluster_ip.as_deref() == Some("None")
-        || spec
-            .cluster_ips
-            .as_ref()
-            .is_some_and(|v| v.first().map(String::as_str) == Some("None"))
+        || spec.cluster_ips.as_ref().is_some_and(|v| v.first().map(String::as_str) == Some("None"))
     {
-        tracing::debug!(
-            service = object,
-            "headless service has no cluster IP; skipped"
-        );
+        tracing::debug!(service = object, "headless service has no cluster IP; skipped");
         return Ok(None);
     }
     let parse = |field: &str, s: &str| -> Result<IpAddr, Bad> {
-        let ip: IpAddr = s
-            .parse()
-            .map_err(|_| err(field, format!("invalid IP address {s:?}")))?;
+        let ip: IpAddr = s.parse().map_err(|_| err(field, format!("invalid IP address {s:?}")))?;
         if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
             return Err(err(field, format!("{ip} cannot be a cluster IP")));
         }
@@ -541,8 +414,7 @@ pub(in crate::discovery) fn service(
         (None, None) => {
             return Err(err(
                 "spec.clusterIP",
-                "required: local mode has no IP allocator, so write the service's virtual IP"
-                    .into(),
+                "required: local mode has no IP allocator, so write the service's virtual IP".into(),
             ));
         }
         (None, Some(_)) => {}
@@ -572,56 +444,39 @@ pub(in crate::discovery) fn service(
         let path = format!("spec.ports[{i}]");
         let protocol = p.protocol.as_deref().unwrap_or("TCP");
         if protocol != "TCP" {
-            tracing::debug!(
-                service = object,
-                port = p.port,
-                protocol,
-                "only TCP ports are meshed; port skipped"
-            );
+            tracing::debug!(service = object, port = p.port, protocol, "only TCP ports are meshed; port skipped");
             continue;
         }
         let port = u16::try_from(p.port)
             .ok()
             .filter(|p| *p != 0)
-            .ok_or_else(|| {
-                err(
-                    &format!("{path}.port"),
-                    format!("{} is not a port number (1-65535)", p.port),
-                )
-            })?;
+            .ok_or_else(|| err(&format!("{path}.port"), format!("{} is not a port number (1-65535)", p.port)))?;
         if ports.iter().any(|sp: &ServicePort| sp.port == port) {
-            return Err(err(
-                &format!("{path}.port"),
-                format!("port {port} is listed twice"),
-            ));
+            return Err(err(&format!("{path}.port"), format!("port {port} is listed twice")));
         }
-        let from_slices = resolved
-            .as_ref()
-            .and_then(|(_, t)| t.get(p.name.as_deref().unwrap_or("")).copied());
+        let from_slices = resolved.as_ref().and_then(|(_, t)| t.get(p.name.as_deref().unwrap_or("")).copied());
         let target_port = match &p.target_port {
             _ if from_slices.is_some() => from_slices.unwrap_or(port),
             // No slice lists the port: no endpoint serves it, so its number cannot matter.
             Some(IntOrString::String(name)) if resolved.is_some() => {
-                tracing::debug!(service = object, port, name, "named target port not in any EndpointSlice; port skipped");
+                tracing::debug!(
+                    service = object,
+                    port,
+                    name,
+                    "named target port not in any EndpointSlice; port skipped"
+                );
                 continue;
             }
             None => port,
-            Some(IntOrString::Int(t)) => {
-                u16::try_from(*t).ok().filter(|t| *t != 0).ok_or_else(|| {
-                    err(
-                        &format!("{path}.targetPort"),
-                        format!("{t} is not a port number (1-65535)"),
-                    )
-                })?
+            Some(IntOrString::Int(t)) => u16::try_from(*t)
+                .ok()
+                .filter(|t| *t != 0)
+                .ok_or_else(|| err(&format!("{path}.targetPort"), format!("{t} is not a port number (1-65535)")))?,
+            Some(IntOrString::String(name)) => {
+                resolve_named_port(name, &selected).map_err(|why| err(&format!("{path}.targetPort"), why))?
             }
-            Some(IntOrString::String(name)) => resolve_named_port(name, &selected)
-                .map_err(|why| err(&format!("{path}.targetPort"), why))?,
         };
-        ports.push(ServicePort {
-            name: p.name.clone(),
-            port,
-            target_port,
-        });
+        ports.push(ServicePort { name: p.name.clone(), port, target_port });
     }
 
     let service = Service {
@@ -646,19 +501,11 @@ fn resolve_named_port(name: &str, endpoints: &[(&Pod, Arc<Workload>)]) -> Result
             .iter()
             .flat_map(|s| s.containers.iter())
             .flat_map(|c| c.ports.iter().flatten())
-            .find(|cp| {
-                cp.name.as_deref() == Some(name) && cp.protocol.as_deref().unwrap_or("TCP") == "TCP"
-            });
+            .find(|cp| cp.name.as_deref() == Some(name) && cp.protocol.as_deref().unwrap_or("TCP") == "TCP");
         let Some(cp) = declared else { continue };
-        let number = u16::try_from(cp.container_port)
-            .ok()
-            .filter(|n| *n != 0)
-            .ok_or_else(|| {
-                format!(
-                    "Pod {}/{} declares port {name:?} as {}, not a port number",
-                    w.namespace, w.name, cp.container_port
-                )
-            })?;
+        let number = u16::try_from(cp.container_port).ok().filter(|n| *n != 0).ok_or_else(|| {
+            format!("Pod {}/{} declares port {name:?} as {}, not a port number", w.namespace, w.name, cp.container_port)
+        })?;
         match found {
             Some((n, first)) if n != number => {
                 return Err(format!(
@@ -673,7 +520,9 @@ fn resolve_named_port(name: &str, endpoints: &[(&Pod, Arc<Workload>)]) -> Result
     }
     found.map(|(n, _)| n).ok_or_else(|| {
         if endpoints.is_empty() {
-            format!("named port {name:?} cannot be resolved: the selector matches no pod; use a number or fix the selector")
+            format!(
+                "named port {name:?} cannot be resolved: the selector matches no pod; use a number or fix the selector"
+            )
         } else {
             format!("named port {name:?} cannot be resolved: no selected pod has a container port with that name")
         }

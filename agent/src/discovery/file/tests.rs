@@ -126,10 +126,7 @@ spec: {mtls: {mode: STRICT}}
 "#;
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -157,11 +154,7 @@ fn workload(
         node: node.map(Into::into),
         netns: netns.map(PathBuf::from),
         captured,
-        identity: Identity {
-            trust_domain: "cluster.local".into(),
-            namespace: ns.into(),
-            service_account: sa.into(),
-        },
+        identity: Identity { trust_domain: "cluster.local".into(), namespace: ns.into(), service_account: sa.into() },
         workload_name: workload_name.into(),
     }
 }
@@ -227,33 +220,18 @@ fn realistic_mesh_parses_into_the_expected_state() {
         ("fd00:10:2::2", &httpbin1),
         ("10.10.2.3", &httpbin0),
     ] {
-        assert_eq!(
-            state.workload_by_ip(ip(addr)).map(|w| &**w),
-            Some(want),
-            "{addr}"
-        );
+        assert_eq!(state.workload_by_ip(ip(addr)).map(|w| &**w), Some(want), "{addr}");
     }
     // One Arc per pod, shared by its addresses.
-    assert!(Arc::ptr_eq(
-        &state.workloads_by_ip[&ip("10.10.2.2")],
-        &state.workloads_by_ip[&ip("fd00:10:2::2")]
-    ));
+    assert!(Arc::ptr_eq(&state.workloads_by_ip[&ip("10.10.2.2")], &state.workloads_by_ip[&ip("fd00:10:2::2")]));
 
     let httpbin = Service {
         name: "httpbin".into(),
         namespace: "backend".into(),
         vips: vec![ip("10.96.0.10"), ip("fd00:96::10")],
         ports: vec![
-            ServicePort {
-                name: Some("http".into()),
-                port: 80,
-                target_port: 8080,
-            },
-            ServicePort {
-                name: Some("admin".into()),
-                port: 9000,
-                target_port: 9001,
-            },
+            ServicePort { name: Some("http".into()), port: 80, target_port: 8080 },
+            ServicePort { name: Some("admin".into()), port: 9000, target_port: 9001 },
         ],
         endpoints: vec![Arc::new(httpbin0.clone()), Arc::new(httpbin1.clone())],
     };
@@ -261,55 +239,30 @@ fn realistic_mesh_parses_into_the_expected_state() {
         name: "curl".into(),
         namespace: "demo".into(),
         vips: vec![ip("10.96.0.11")],
-        ports: vec![ServicePort {
-            name: None,
-            port: 8080,
-            target_port: 8080,
-        }],
+        ports: vec![ServicePort { name: None, port: 8080, target_port: 8080 }],
         endpoints: vec![Arc::new(client.clone())],
     };
     assert_eq!(state.services_by_vip.len(), 3);
-    assert_eq!(
-        state.service_by_vip(ip("10.96.0.10")).map(|s| &**s),
-        Some(&httpbin)
-    );
-    assert_eq!(
-        state.service_by_vip(ip("fd00:96::10")).map(|s| &**s),
-        Some(&httpbin)
-    );
-    assert_eq!(
-        state.service_by_vip(ip("10.96.0.11")).map(|s| &**s),
-        Some(&curl)
-    );
+    assert_eq!(state.service_by_vip(ip("10.96.0.10")).map(|s| &**s), Some(&httpbin));
+    assert_eq!(state.service_by_vip(ip("fd00:96::10")).map(|s| &**s), Some(&httpbin));
+    assert_eq!(state.service_by_vip(ip("10.96.0.11")).map(|s| &**s), Some(&curl));
     assert_eq!(httpbin.target_port(80), Some(8080));
 
     assert_eq!(state.namespaces.len(), 3);
-    assert_eq!(
-        state.namespaces["demo"],
-        labels(&[("istio.io/dataplane-mode", "ambient")])
-    );
+    assert_eq!(state.namespaces["demo"], labels(&[("istio.io/dataplane-mode", "ambient")]));
     assert!(state.namespaces["istio-system"].is_empty());
 
     // What this node serves: captured, on node-a or unpinned, in (namespace, name) order; only
     // the client has a netns yet (the agent waits for the other's, e.g. from the CNI plugin).
-    let local: Vec<(String, bool)> = state
-        .local_captured("node-a")
-        .iter()
-        .map(|w| (w.name.clone(), w.netns.is_some()))
-        .collect();
+    let local: Vec<(String, bool)> =
+        state.local_captured("node-a").iter().map(|w| (w.name.clone(), w.netns.is_some())).collect();
     assert_eq!(local, [("httpbin-0".to_string(), false), ("client".to_string(), true)]);
 
     // Policies came through compiled.
     let p = &state.policies;
     assert_eq!(p.authorization_policy_count(), 2);
-    assert_eq!(
-        p.mtls_mode("backend", &httpbin1.labels, 8080),
-        MtlsMode::Strict
-    );
-    assert_eq!(
-        p.mtls_mode("demo", &client.labels, 8080),
-        MtlsMode::Permissive
-    );
+    assert_eq!(p.mtls_mode("backend", &httpbin1.labels, 8080), MtlsMode::Strict);
+    assert_eq!(p.mtls_mode("demo", &client.labels, 8080), MtlsMode::Permissive);
     let conn = |principal, src: &str| Connection {
         source_principal: principal,
         source_namespace: None,
@@ -319,21 +272,11 @@ fn realistic_mesh_parses_into_the_expected_state() {
         dest_namespace: "backend",
         dest_labels: &httpbin1.labels,
     };
-    assert_eq!(
-        p.authorize(&conn(Some("cluster.local/ns/demo/sa/curl"), "10.10.1.2")),
-        Decision::Allow
-    );
-    assert_eq!(
-        p.authorize(&conn(None, "10.10.1.3")),
-        Decision::Deny {
-            policy: "istio-system/deny-legacy".into()
-        }
-    );
+    assert_eq!(p.authorize(&conn(Some("cluster.local/ns/demo/sa/curl"), "10.10.1.2")), Decision::Allow);
+    assert_eq!(p.authorize(&conn(None, "10.10.1.3")), Decision::Deny { policy: "istio-system/deny-legacy".into() });
     assert_eq!(
         p.authorize(&conn(Some("cluster.local/ns/demo/sa/default"), "10.10.1.9")),
-        Decision::Deny {
-            policy: "backend/httpbin-allow-curl".into()
-        }
+        Decision::Deny { policy: "backend/httpbin-allow-curl".into() }
     );
 }
 
@@ -419,12 +362,7 @@ fn empty_documents_are_skipped_and_counted() {
     let err = parse(&yaml, "m.yaml", &opts()).unwrap_err();
     assert_eq!(err.document(), Some(4), "{err}");
     assert_eq!(err.field(), Some("status.podIP"));
-    assert!(
-        parse("", "m.yaml", &opts())
-            .unwrap()
-            .workloads_by_ip
-            .is_empty()
-    );
+    assert!(parse("", "m.yaml", &opts()).unwrap().workloads_by_ip.is_empty());
 }
 
 #[test]
@@ -439,17 +377,16 @@ fn named_target_ports_must_agree_across_endpoints() {
         + &p("b", "10.0.0.2", 9090)
         + &svc("s", "10.96.0.1", "[{port: 80, targetPort: web}]");
     let msg = parse(&yaml, "m.yaml", &opts()).unwrap_err().to_string();
-    assert!(msg.contains(r#"spec.ports[0].targetPort: named port "web" is 8080 on Pod demo/a but 9090 on Pod demo/b"#), "{msg}");
+    assert!(
+        msg.contains(r#"spec.ports[0].targetPort: named port "web" is 8080 on Pod demo/a but 9090 on Pod demo/b"#),
+        "{msg}"
+    );
 }
 
 #[test]
 fn load_reports_unreadable_files() {
     let err = load(Path::new("/nonexistent/weft-mesh.yaml"), &opts()).unwrap_err();
-    assert!(
-        err.to_string()
-            .starts_with("/nonexistent/weft-mesh.yaml: cannot read: "),
-        "{err}"
-    );
+    assert!(err.to_string().starts_with("/nonexistent/weft-mesh.yaml: cannot read: "), "{err}");
 }
 
 /// Replaces the file atomically, as editors and `kubectl`-style tools do, so the watcher never
@@ -487,10 +424,7 @@ async fn watch_keeps_the_last_good_state_and_picks_up_the_next() {
 
     write(&path, &bad);
     tokio::time::sleep(POLL_INTERVAL * 4).await;
-    assert!(
-        !rx.has_changed().unwrap(),
-        "a bad file must not replace the state"
-    );
+    assert!(!rx.has_changed().unwrap(), "a bad file must not replace the state");
     assert_eq!(store.load().workloads_by_ip.len(), 1);
 
     write(&path, &good2);
@@ -508,10 +442,7 @@ async fn watch_keeps_the_last_good_state_and_picks_up_the_next() {
     assert_eq!(store.load().workloads_by_ip.len(), 2);
 
     stop.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(5), task)
-        .await
-        .expect("watch returns on shutdown")
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), task).await.expect("watch returns on shutdown").unwrap();
 }
 
 #[test]
