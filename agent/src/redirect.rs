@@ -149,31 +149,27 @@ impl Redirect {
             path: opts.cgroup.clone(),
             source,
         })?;
-        for name in [program::CONNECT4, program::CONNECT6] {
-            let prog: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
-            prog.load().map_err(|source| Error::Program { name, source })?;
-            pin_program(&opts.pin_dir, name, |p| prog.pin(p))?;
-            let prog_fd = owned_fd(prog.fd().map_err(|source| Error::Program { name, source })?)?;
-            adopt_or_attach(&opts.pin_dir, name, prog_fd.as_fd(), || {
-                let id =
-                    prog.attach(&cgroup, CgroupAttachMode::Single).map_err(|source| Error::Program { name, source })?;
-                let link = prog.take_link(id).map_err(|source| Error::Program { name, source })?;
-                FdLink::try_from(link).map_err(|source| Error::Link { name, source })
-            })?;
+        // Load, pin, and attach to the cgroup (or adopt the pinned link) — the same steps for the
+        // connect hooks and sockops; aya's program types share the methods but no trait.
+        macro_rules! attach_to_cgroup {
+            ($ty:ty, $name:expr) => {{
+                let name = $name;
+                let prog: &mut $ty = program_mut(&mut ebpf, name)?;
+                prog.load().map_err(|source| Error::Program { name, source })?;
+                pin_program(&opts.pin_dir, name, |p| prog.pin(p))?;
+                let prog_fd = owned_fd(prog.fd().map_err(|source| Error::Program { name, source })?)?;
+                adopt_or_attach(&opts.pin_dir, name, prog_fd.as_fd(), || {
+                    let id = prog
+                        .attach(&cgroup, CgroupAttachMode::Single)
+                        .map_err(|source| Error::Program { name, source })?;
+                    let link = prog.take_link(id).map_err(|source| Error::Program { name, source })?;
+                    FdLink::try_from(link).map_err(|source| Error::Link { name, source })
+                })?;
+            }};
         }
-        {
-            let name = program::SOCKOPS;
-            let prog: &mut SockOps = program_mut(&mut ebpf, name)?;
-            prog.load().map_err(|source| Error::Program { name, source })?;
-            pin_program(&opts.pin_dir, name, |p| prog.pin(p))?;
-            let prog_fd = owned_fd(prog.fd().map_err(|source| Error::Program { name, source })?)?;
-            adopt_or_attach(&opts.pin_dir, name, prog_fd.as_fd(), || {
-                let id =
-                    prog.attach(&cgroup, CgroupAttachMode::Single).map_err(|source| Error::Program { name, source })?;
-                let link = prog.take_link(id).map_err(|source| Error::Program { name, source })?;
-                FdLink::try_from(link).map_err(|source| Error::Link { name, source })
-            })?;
-        }
+        attach_to_cgroup!(CgroupSockAddr, program::CONNECT4);
+        attach_to_cgroup!(CgroupSockAddr, program::CONNECT6);
+        attach_to_cgroup!(SockOps, program::SOCKOPS);
         {
             let name = program::SK_LOOKUP;
             let prog: &mut SkLookup = program_mut(&mut ebpf, name)?;
