@@ -9,7 +9,9 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 
 use crate::mesh;
-use crate::process::Output;
+use std::net::SocketAddr;
+
+use crate::process::{Background, Io, Output};
 use crate::topology::{Mode, Pod, PodSpec, ServiceSpec, TopologyBuilder};
 use crate::{Topology, poll};
 
@@ -135,3 +137,36 @@ pub fn eventually_refused(from: &Pod, url: &str, limit: Duration) -> Result<Outp
     })
     .ok_or_else(|| anyhow::anyhow!("still answered after {limit:?}: {last}"))
 }
+
+/// A long-lived line-echo session from `from` to `to` (the probe's `chat` against an `echo`
+/// server), opened and checked once: used to prove an established connection survives.
+pub struct Session {
+    chat: Background,
+    what: &'static str,
+}
+
+impl Session {
+    pub fn open(from: &Pod, to: SocketAddr, what: &'static str) -> Result<Session> {
+        let args = [crate::probe_bin().display().to_string(), "chat".into(), "--to".into(), to.to_string()];
+        let mut chat = from.spawn("chat", &args, Io::Piped)?;
+        let first = chat.recv_line(SESSION_LIMIT)?;
+        if !first.starts_with("connected") {
+            bail!("{what}: chat did not connect to {to}: {first}");
+        }
+        let mut s = Session { chat, what };
+        s.ping(0);
+        Ok(s)
+    }
+
+    /// Sends a numbered line and requires it back within 10 s; panics naming the session and
+    /// the ping when the connection broke.
+    pub fn ping(&mut self, n: u32) {
+        let line = format!("{} {n}", self.what);
+        self.chat.send_line(&line).unwrap();
+        let back =
+            self.chat.recv_line(SESSION_LIMIT).unwrap_or_else(|e| panic!("{} broke at ping {n}: {e:#}", self.what));
+        assert_eq!(back, line);
+    }
+}
+
+const SESSION_LIMIT: Duration = Duration::from_secs(10);

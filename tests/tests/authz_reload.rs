@@ -5,19 +5,10 @@
 
 use std::time::Duration;
 
-use weft_tests::process::{Background, Io};
 use weft_tests::scenario::{self, MESH_NS};
-use weft_tests::{Agent, AgentOptions, PodSpec, Topology, probe_bin, require_root};
+use weft_tests::{Agent, AgentOptions, PodSpec, Topology, require_root};
 
 const SETTLE: Duration = Duration::from_secs(15);
-
-fn ping(chat: &mut Background, n: u32) {
-    chat.send_line(&format!("still here {n}")).unwrap();
-    let back = chat
-        .recv_line(Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("long-lived echo session broke at ping {n}: {e:#}"));
-    assert_eq!(back, format!("still here {n}"));
-}
 
 fn reload_with(topo: &Topology, agent: &mut Agent, pid: Option<u32>, extra: &[String]) {
     topo.write_mesh(extra).unwrap();
@@ -45,27 +36,19 @@ fn policies_apply_on_sighup_without_restart_and_sessions_survive() {
     scenario::get(intruder, &url, "m").unwrap();
 
     // The unrelated session, opened through the mesh before any reload.
-    let mut chat = client
-        .spawn(
-            "chat",
-            &[probe_bin().display().to_string(), "chat".into(), "--to".into(), echo.addr(7000).to_string()],
-            Io::Piped,
-        )
-        .unwrap();
-    assert!(chat.recv_line(Duration::from_secs(10)).unwrap().starts_with("connected"));
-    ping(&mut chat, 0);
+    let mut chat = scenario::Session::open(client, echo.addr(7000), "long-lived echo session").unwrap();
 
     // DENY the client.
     reload_with(&topo, &mut agent, pid, &[scenario::server_policy("DENY", &["client"])]);
     scenario::eventually_refused(client, &url, SETTLE).expect("DENY for sa client not applied after SIGHUP");
     scenario::get(intruder, &url, "m").expect("DENY for the client must not affect the intruder");
-    ping(&mut chat, 1);
+    chat.ping(1);
 
     // ALLOW only the client: the DENY is gone, everyone else is denied.
     reload_with(&topo, &mut agent, pid, &[scenario::server_policy("ALLOW", &["client"])]);
     scenario::eventually_get(client, &url, SETTLE).expect("ALLOW for sa client not applied after SIGHUP");
     scenario::eventually_refused(intruder, &url, SETTLE).expect("ALLOW-only-client must deny the intruder");
-    ping(&mut chat, 2);
+    chat.ping(2);
 
     // A broken file keeps the last good config.
     std::fs::write(topo.mesh_path(), "apiVersion: v1\nkind: Pod\nmetadata: [this is not\n  valid: yaml\n").unwrap();
@@ -75,12 +58,12 @@ fn policies_apply_on_sighup_without_restart_and_sessions_survive() {
     assert_eq!(agent.pid(), pid);
     scenario::get(client, &url, "m").expect("client lost access after a bad reload");
     scenario::get_fails(intruder, &url, "m").expect("intruder let in after a bad reload");
-    ping(&mut chat, 3);
+    chat.ping(3);
 
     // Back to no policy.
     reload_with(&topo, &mut agent, pid, &[]);
     scenario::eventually_get(intruder, &url, SETTLE).expect("removing the policy did not restore access");
-    ping(&mut chat, 4);
+    chat.ping(4);
 
     // SIGTERM drains (the session is still open) and exits 0.
     let status = agent.stop().expect("agent did not exit within 30 s of SIGTERM");

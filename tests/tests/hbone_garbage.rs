@@ -14,9 +14,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weft_tests::mesh::spiffe;
-use weft_tests::process::{Background, Io};
 use weft_tests::scenario::{self, MESH_NS};
-use weft_tests::{Agent, AgentOptions, PodSpec, Topology, probe_bin, require_root};
+use weft_tests::{Agent, AgentOptions, PodSpec, Topology, require_root};
 
 const HBONE_PORT: u16 = 15008;
 const LIMIT: Duration = Duration::from_secs(10);
@@ -150,12 +149,6 @@ fn mesh_client_cert(topo: &Topology) -> (Vec<CertificateDer<'static>>, PrivateKe
     (vec![leaf.der().clone()], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())))
 }
 
-fn ping(chat: &mut Background, n: u32) {
-    chat.send_line(&format!("mesh ok {n}")).unwrap();
-    let back = chat.recv_line(LIMIT).unwrap_or_else(|e| panic!("established mesh connection broke at ping {n}: {e:#}"));
-    assert_eq!(back, format!("mesh ok {n}"));
-}
-
 fn requests_logged(topo: &Topology) -> usize {
     weft_tests::read_lossy(&topo.dir().join("server-v1-http8080.log"))
         .lines()
@@ -175,15 +168,7 @@ fn garbage_on_15008_is_refused_while_a_mesh_connection_keeps_working() {
     let _echo = echo.serve("echo", &["echo", "--port", "7000"]).unwrap();
     let mut agent = Agent::start(&topo, AgentOptions::for_topology(&topo)).unwrap();
 
-    let mut chat = client
-        .spawn(
-            "chat",
-            &[probe_bin().display().to_string(), "chat".into(), "--to".into(), echo.addr(7000).to_string()],
-            Io::Piped,
-        )
-        .unwrap();
-    assert!(chat.recv_line(LIMIT).unwrap().starts_with("connected"));
-    ping(&mut chat, 0);
+    let mut chat = scenario::Session::open(client, echo.addr(7000), "established mesh connection").unwrap();
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let hbone = v1.addr(HBONE_PORT);
@@ -239,7 +224,7 @@ fn garbage_on_15008_is_refused_while_a_mesh_connection_keeps_working() {
     eprintln!("plain HTTP on 15008 → closed={} reply={:?}", got.0, got.1);
     assert!(got.0, "plaintext on 15008: connection left open for {LIMIT:?}");
     assert!(!got.1.contains("hello from") && !got.1.contains(" 200 "), "plaintext on 15008 was served: {:?}", got.1);
-    ping(&mut chat, 1);
+    chat.ping(1);
 
     // 2. TLS without a client certificate.
     let r = rt.block_on(async {
@@ -252,7 +237,7 @@ fn garbage_on_15008_is_refused_while_a_mesh_connection_keeps_working() {
         "TLS without a client certificate got through: {}",
         status_of(&r)
     );
-    ping(&mut chat, 2);
+    chat.ping(2);
 
     // 3. TLS with a certificate from another root that claims the client's identity.
     let r = rt.block_on(async {
@@ -271,7 +256,7 @@ fn garbage_on_15008_is_refused_while_a_mesh_connection_keeps_working() {
     );
 
     assert_eq!(requests_logged(&topo), served_before, "garbage reached the server app");
-    ping(&mut chat, 3);
+    chat.ping(3);
     scenario::get(client, &scenario::server_url(), "after-garbage").expect("new mesh connections after the garbage");
     assert!(agent.is_running(), "agent died on garbage");
 }
