@@ -2,7 +2,8 @@
 //!
 //! Layering (imports only point down the list; `app` alone wires everything together):
 //! - bottom: `config`, `crd`, `identity`, `netns`, `drain`, `metrics`, `policy`, `state`
-//! - middle: `discovery` (feeds `state`), `redirect` (eBPF), `proxy` (HBONE tunnel, in-pod listeners)
+//! - middle: `discovery` (feeds `state`), `redirect` (eBPF), `proxy` (HBONE tunnel, in-pod listeners),
+//!   `waypoint` (L7 proxy; uses `proxy::hbone`)
 //! - top: `admin` (HTTP endpoints), `app`
 #![deny(unsafe_code)]
 
@@ -21,3 +22,4 @@ pub mod policy;
 pub mod proxy;
 pub mod redirect;
 pub mod state;
+pub mod waypoint;

@@ -19,6 +19,7 @@
 //! [`Policies::warnings`].
 
 mod authz;
+pub mod l7;
 mod peer;
 #[cfg(test)]
 mod tests;

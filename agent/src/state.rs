@@ -22,6 +22,11 @@ use crate::policy::Policies;
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
 pub const DATAPLANE_MODE_AMBIENT: &str = "ambient";
 pub const DATAPLANE_MODE_NONE: &str = "none";
+/// Service or namespace label naming the waypoint (a Gateway, reached through the Service of the same
+/// name) that traffic to it goes through; `none` on a service opts it out of its namespace's waypoint.
+/// `istio.io/use-waypoint-namespace` names the waypoint's namespace when it is not the service's own.
+pub const USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
+pub const USE_WAYPOINT_NAMESPACE_LABEL: &str = "istio.io/use-waypoint-namespace";
 
 /// A pod, reduced to what the data plane needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +57,8 @@ pub struct Service {
     /// Cluster IPs (IPv4 and/or IPv6).
     pub vips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
+    /// `metadata.labels` (e.g. `istio.io/use-waypoint`).
+    pub labels: BTreeMap<String, String>,
     /// Ready endpoints in a stable order (name order), for load balancing.
     pub endpoints: Vec<Arc<Workload>>,
 }
@@ -62,6 +69,9 @@ pub struct ServicePort {
     pub port: u16,
     /// Numeric target port (named target ports are resolved when the snapshot is built).
     pub target_port: u16,
+    /// `appProtocol` (e.g. `http2`, `grpc`, `kubernetes.io/h2c`), which tells a waypoint how to speak
+    /// to the endpoints; Istio also infers it from a port name prefix (`grpc-`, `http2-`).
+    pub app_protocol: Option<String>,
 }
 
 impl Service {
@@ -83,6 +93,18 @@ pub struct State {
     /// Namespace name → labels (only namespaces that were declared).
     pub namespaces: HashMap<String, BTreeMap<String, String>>,
     pub policies: Policies,
+    /// Traffic-management and L7 resources as the source read them (shape-checked only); a waypoint
+    /// compiles what concerns it, node agents only look at `use-waypoint` labels.
+    pub routing: Arc<RoutingConfig>,
+}
+
+/// The resources only a waypoint interprets, kept as objects: each waypoint compiles its own view
+/// and reports the objects it cannot use, while the rest keeps working.
+#[derive(Debug, Default, Clone)]
+pub struct RoutingConfig {
+    /// Every AuthorizationPolicy (the L4 ones are compiled into `State::policies` as well); a
+    /// waypoint applies those whose `targetRef(s)` name it or a service it serves.
+    pub authorization_policies: Vec<crate::crd::AuthorizationPolicy>,
 }
 
 impl State {
@@ -92,6 +114,34 @@ impl State {
 
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
         self.services_by_vip.get(&ip)
+    }
+
+    /// The Service `namespace/name` (services with a cluster IP; headless ones are not load-balanced).
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&Arc<Service>> {
+        self.services_by_vip.values().find(|s| s.name == name && s.namespace == namespace)
+    }
+
+    /// The waypoint Service that traffic to `svc` must go through: the service's own
+    /// `istio.io/use-waypoint` label, else its namespace's (`none` on the service opts out), naming a
+    /// Service in `istio.io/use-waypoint-namespace` (default: the labelled object's namespace).
+    /// `None` when there is no waypoint, or it names a Service that does not exist (logged by the
+    /// caller as an unreachable waypoint would be), or `svc` is the waypoint itself.
+    pub fn waypoint_of(&self, svc: &Service) -> Option<&Arc<Service>> {
+        let ns_labels = self.namespaces.get(&svc.namespace);
+        let (labels, owner_ns) = if svc.labels.contains_key(USE_WAYPOINT_LABEL) {
+            (&svc.labels, &svc.namespace)
+        } else {
+            (ns_labels.filter(|l| l.contains_key(USE_WAYPOINT_LABEL))?, &svc.namespace)
+        };
+        let name = labels.get(USE_WAYPOINT_LABEL)?;
+        if name == DATAPLANE_MODE_NONE {
+            return None;
+        }
+        let namespace = labels.get(USE_WAYPOINT_NAMESPACE_LABEL).unwrap_or(owner_ns);
+        if *name == svc.name && *namespace == svc.namespace {
+            return None;
+        }
+        self.service(namespace, name)
     }
 
     /// Captured workloads that run on `node` (or have no node: local mode): what the redirect

@@ -216,7 +216,7 @@ pub(super) fn build(objects: Objects, file: &str, opts: &FileOptions) -> Result<
         return Err(cx.err(doc, &object, Some(&e.field), e.reason.clone()));
     }
 
-    Ok(State { workloads_by_ip, services_by_vip, namespaces, policies })
+    Ok(State { workloads_by_ip, services_by_vip, namespaces, policies, routing: Default::default() })
 }
 
 /// One pod → a workload, plus its IPs with the field each came from. `service_accounts`: the
@@ -476,7 +476,7 @@ pub(in crate::discovery) fn service(
                 resolve_named_port(name, &selected).map_err(|why| err(&format!("{path}.targetPort"), why))?
             }
         };
-        ports.push(ServicePort { name: p.name.clone(), port, target_port });
+        ports.push(ServicePort { name: p.name.clone(), port, target_port, app_protocol: p.app_protocol.clone() });
     }
 
     let service = Service {
@@ -484,6 +484,7 @@ pub(in crate::discovery) fn service(
         namespace: namespace.to_owned(),
         vips: vips.iter().map(|(_, ip)| *ip).collect(),
         ports,
+        labels: svc.metadata.labels.clone().unwrap_or_default(),
         endpoints: match resolved {
             Some((workloads, _)) => workloads,
             None => selected.into_iter().map(|(_, w)| w).collect(),

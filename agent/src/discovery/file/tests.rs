@@ -230,16 +230,18 @@ fn realistic_mesh_parses_into_the_expected_state() {
         namespace: "backend".into(),
         vips: vec![ip("10.96.0.10"), ip("fd00:96::10")],
         ports: vec![
-            ServicePort { name: Some("http".into()), port: 80, target_port: 8080 },
-            ServicePort { name: Some("admin".into()), port: 9000, target_port: 9001 },
+            ServicePort { name: Some("http".into()), port: 80, target_port: 8080, app_protocol: None },
+            ServicePort { name: Some("admin".into()), port: 9000, target_port: 9001, app_protocol: None },
         ],
+        labels: BTreeMap::new(),
         endpoints: vec![Arc::new(httpbin0.clone()), Arc::new(httpbin1.clone())],
     };
     let curl = Service {
         name: "curl".into(),
         namespace: "demo".into(),
         vips: vec![ip("10.96.0.11")],
-        ports: vec![ServicePort { name: None, port: 8080, target_port: 8080 }],
+        ports: vec![ServicePort { name: None, port: 8080, target_port: 8080, app_protocol: None }],
+        labels: BTreeMap::new(),
         endpoints: vec![Arc::new(client.clone())],
     };
     assert_eq!(state.services_by_vip.len(), 3);

@@ -176,7 +176,7 @@ fn build(inputs: &Inputs, opts: &KubeOptions, problems: &mut Problems, policy_fi
     }
 
     let policies = policies(inputs, opts, problems, policy_fingerprint);
-    State { workloads_by_ip, services_by_vip, namespaces: inputs.namespaces.clone(), policies }
+    State { workloads_by_ip, services_by_vip, namespaces: inputs.namespaces.clone(), policies, routing: Default::default() }
 }
 
 /// Pods that have or may have an IP of their own: not finished, not on the host network (those

@@ -1,0 +1,1 @@
+//! Placeholder: L7 AuthorizationPolicy for waypoints (issue 5).
