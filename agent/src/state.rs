@@ -200,3 +200,90 @@ impl StateStore {
         self.version.subscribe()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(ns: &str, name: &str, ip: &str) -> Arc<Workload> {
+        Arc::new(Workload {
+            name: name.into(),
+            namespace: ns.into(),
+            service_account: name.into(),
+            labels: BTreeMap::new(),
+            ips: vec![ip.parse().unwrap()],
+            node: None,
+            netns: None,
+            captured: true,
+            identity: Identity::new("cluster.local", ns, name),
+            workload_name: name.into(),
+        })
+    }
+
+    fn service(
+        ns: &str,
+        name: &str,
+        vip: &str,
+        labels: &[(&str, &str)],
+        endpoints: Vec<Arc<Workload>>,
+    ) -> Arc<Service> {
+        Arc::new(Service {
+            name: name.into(),
+            namespace: ns.into(),
+            vips: vec![vip.parse().unwrap()],
+            ports: vec![ServicePort { name: None, port: 80, target_port: 8080, app_protocol: None }],
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            endpoints,
+        })
+    }
+
+    fn state(services: Vec<Arc<Service>>, ns_labels: &[(&str, &[(&str, &str)])]) -> State {
+        State {
+            services_by_vip: services.into_iter().map(|s| (s.vips[0], s)).collect(),
+            namespaces: ns_labels
+                .iter()
+                .map(|(ns, l)| (ns.to_string(), l.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()))
+                .collect(),
+            ..State::default()
+        }
+    }
+
+    #[test]
+    fn waypoint_from_service_or_namespace_label() {
+        let wp = service("demo", "waypoint", "10.96.0.100", &[], vec![workload("demo", "waypoint-0", "10.0.0.100")]);
+        let other_wp = service("infra", "shared", "10.96.0.101", &[], vec![]);
+        let labelled = service("demo", "reviews", "10.96.0.1", &[(USE_WAYPOINT_LABEL, "waypoint")], vec![]);
+        let by_ns = service("demo", "ratings", "10.96.0.2", &[], vec![]);
+        let opted_out = service("demo", "details", "10.96.0.3", &[(USE_WAYPOINT_LABEL, "none")], vec![]);
+        let cross_ns = service(
+            "demo",
+            "products",
+            "10.96.0.4",
+            &[(USE_WAYPOINT_LABEL, "shared"), (USE_WAYPOINT_NAMESPACE_LABEL, "infra")],
+            vec![],
+        );
+        let missing = service("other", "x", "10.96.0.5", &[(USE_WAYPOINT_LABEL, "nope")], vec![]);
+        let s = state(
+            vec![
+                wp.clone(),
+                other_wp.clone(),
+                labelled.clone(),
+                by_ns.clone(),
+                opted_out.clone(),
+                cross_ns.clone(),
+                missing.clone(),
+            ],
+            &[("demo", &[(USE_WAYPOINT_LABEL, "waypoint")]), ("other", &[])],
+        );
+        assert_eq!(s.waypoint_of(&labelled).map(|w| w.name.as_str()), Some("waypoint"));
+        assert_eq!(s.waypoint_of(&by_ns).map(|w| w.name.as_str()), Some("waypoint"));
+        assert!(s.waypoint_of(&opted_out).is_none(), "`none` on the service opts out of the namespace's waypoint");
+        assert_eq!(
+            s.waypoint_of(&cross_ns).map(|w| (w.namespace.as_str(), w.name.as_str())),
+            Some(("infra", "shared"))
+        );
+        assert!(s.waypoint_of(&missing).is_none(), "a waypoint Service that does not exist is no waypoint");
+        assert!(s.waypoint_of(&wp).is_none(), "the waypoint's own service does not loop to itself");
+        assert_eq!(s.service("demo", "reviews").map(|x| x.vips[0]), Some("10.96.0.1".parse().unwrap()));
+    }
+}

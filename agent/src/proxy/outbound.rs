@@ -21,6 +21,9 @@ use weft_ebpf_common::{HBONE_PORT, OUTBOUND_PORT};
 enum Route {
     /// Over HBONE to a workload in the mesh (`target` = its IP and the target port).
     Mesh { dest: Arc<Workload>, service: Option<Arc<Service>>, target: SocketAddr },
+    /// Over HBONE to the service's waypoint pod (`via`), asking it for the service address the app
+    /// dialled (`target` = VIP:port): the waypoint routes at L7 and picks the endpoint.
+    Waypoint { via: Arc<Workload>, via_ip: std::net::IpAddr, service: Arc<Service>, target: SocketAddr },
     /// Directly, in plaintext: the destination is not in the mesh.
     Direct { dest: Option<Arc<Workload>>, service: Option<Arc<Service>>, target: SocketAddr },
     /// Nowhere: reset the client (why is logged).
@@ -29,6 +32,9 @@ enum Route {
 
 fn resolve(state: &State, orig: SocketAddr) -> Route {
     if let Some(svc) = state.service_by_vip(orig.ip()) {
+        if let Some(waypoint) = state.waypoint_of(svc) {
+            return via_waypoint(svc, waypoint, orig);
+        }
         let Some(port) = svc.target_port(orig.port()) else {
             return Route::Refuse(format!("service {}/{} has no port {}", svc.namespace, svc.name, orig.port()));
         };
@@ -55,6 +61,27 @@ fn resolve(state: &State, orig: SocketAddr) -> Route {
         Some(w) if w.captured => Route::Mesh { dest: w.clone(), service: None, target: orig },
         other => Route::Direct { dest: other.cloned(), service: None, target: orig },
     }
+}
+
+/// Istio ambient's rule: a service bound to a waypoint is only reached through it (fail closed when
+/// the waypoint has no pod: bypassing it would skip its L7 policy).
+fn via_waypoint(svc: &Arc<Service>, waypoint: &Arc<Service>, orig: SocketAddr) -> Route {
+    if svc.target_port(orig.port()).is_none() {
+        return Route::Refuse(format!("service {}/{} has no port {}", svc.namespace, svc.name, orig.port()));
+    }
+    let pods: Vec<(&Arc<Workload>, std::net::IpAddr)> = waypoint
+        .endpoints
+        .iter()
+        .filter_map(|w| w.ips.iter().find(|ip| ip.is_ipv4() == orig.is_ipv4()).map(|ip| (w, *ip)))
+        .collect();
+    if pods.is_empty() {
+        return Route::Refuse(format!(
+            "service {}/{} uses waypoint {}/{}, which has no ready pod",
+            svc.namespace, svc.name, waypoint.namespace, waypoint.name
+        ));
+    }
+    let (via, via_ip) = pods[rand::random_range(0..pods.len())];
+    Route::Waypoint { via: via.clone(), via_ip, service: svc.clone(), target: orig }
 }
 
 pub(super) async fn handle(proxy: Arc<Proxy>, pod: Arc<Pod>, tcp: TcpStream, peer: SocketAddr, _drain: Drain) {
@@ -107,9 +134,32 @@ pub(super) async fn handle(proxy: Arc<Proxy>, pod: Arc<Pod>, tcp: TcpStream, pee
                 res.err().map(|e| e.to_string()),
             );
         }
+        Route::Waypoint { via, via_ip, service, target } => {
+            let labels = labels(&src, Some(&via), Some(&service), target, true);
+            let tunnel = open_tunnel(&proxy, &pod, &src, &via, via_ip, target).await;
+            let (send, recv) = match tunnel {
+                Ok(t) => t,
+                Err(e) => return refuse_after_connect(tcp, &pod, target, &e),
+            };
+            let conn = proxy.metrics.conn_opened(&labels);
+            let (copied, res) = hbone::copy(tcp, send, recv).await;
+            conn.closed(copied.to_tunnel, copied.from_tunnel);
+            access_log(
+                &pod,
+                peer,
+                orig,
+                SocketAddr::new(via_ip, HBONE_PORT),
+                &src.identity,
+                Some(&via.identity),
+                copied.to_tunnel,
+                copied.from_tunnel,
+                started,
+                res.err().map(|e| e.to_string()),
+            );
+        }
         Route::Mesh { dest, service, target } => {
             let labels = labels(&src, Some(&dest), service.as_deref(), target, true);
-            let tunnel = open_tunnel(&proxy, &pod, &src, &dest, target).await;
+            let tunnel = open_tunnel(&proxy, &pod, &src, &dest, target.ip(), target).await;
             let (send, recv) = match tunnel {
                 Ok(t) => t,
                 Err(e) => return refuse_after_connect(tcp, &pod, target, &e),
@@ -133,13 +183,15 @@ pub(super) async fn handle(proxy: Arc<Proxy>, pod: Arc<Pod>, tcp: TcpStream, pee
     }
 }
 
-/// A CONNECT stream to `target` over the pooled HBONE connection to its pod (one retry on a
-/// fresh connection when the pooled one turned out to be dead).
+/// A CONNECT stream for `target` over the pooled HBONE connection to `dest` at `dest_ip` (the
+/// target's own pod, or a waypoint), with one retry on a fresh connection when the pooled one
+/// turned out to be dead.
 async fn open_tunnel(
     proxy: &Arc<Proxy>,
     pod: &Arc<Pod>,
     src: &Workload,
     dest: &Workload,
+    dest_ip: std::net::IpAddr,
     target: SocketAddr,
 ) -> Result<(h2::SendStream<bytes::Bytes>, h2::RecvStream), String> {
     let cert =
@@ -148,7 +200,7 @@ async fn open_tunnel(
         src_netns: pod.netns.cookie(),
         src: src.identity.clone(),
         dst: dest.identity.clone(),
-        dst_addr: SocketAddr::new(target.ip(), HBONE_PORT),
+        dst_addr: SocketAddr::new(dest_ip, HBONE_PORT),
     };
     let headers = [("baggage", baggage(src))];
     for attempt in 0..2 {
@@ -263,4 +315,72 @@ fn access_log(
         error = error.unwrap_or_default(),
         "connection complete"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::state::{ServicePort, USE_WAYPOINT_LABEL};
+
+    fn workload(name: &str, ip: &str) -> Arc<Workload> {
+        Arc::new(Workload {
+            name: name.into(),
+            namespace: "demo".into(),
+            service_account: name.into(),
+            labels: BTreeMap::new(),
+            ips: vec![ip.parse().unwrap()],
+            node: None,
+            netns: None,
+            captured: true,
+            identity: Identity::new("cluster.local", "demo", name),
+            workload_name: name.into(),
+        })
+    }
+
+    fn service(name: &str, vip: &str, waypoint: Option<&str>, endpoints: Vec<Arc<Workload>>) -> Arc<Service> {
+        Arc::new(Service {
+            name: name.into(),
+            namespace: "demo".into(),
+            vips: vec![vip.parse().unwrap()],
+            ports: vec![ServicePort { name: None, port: 80, target_port: 8080, app_protocol: None }],
+            labels: waypoint.map(|w| (USE_WAYPOINT_LABEL.to_string(), w.to_string())).into_iter().collect(),
+            endpoints,
+        })
+    }
+
+    fn state(services: Vec<Arc<Service>>) -> State {
+        State { services_by_vip: services.into_iter().map(|s| (s.vips[0], s)).collect(), ..State::default() }
+    }
+
+    #[test]
+    fn service_with_waypoint_goes_to_a_waypoint_pod_with_the_vip_as_authority() {
+        let wp = service("waypoint", "10.96.0.100", None, vec![workload("waypoint", "10.0.0.100")]);
+        let reviews = service("reviews", "10.96.0.1", Some("waypoint"), vec![workload("reviews-v1", "10.0.0.1")]);
+        let s = state(vec![wp, reviews]);
+        let orig: SocketAddr = "10.96.0.1:80".parse().unwrap();
+        match resolve(&s, orig) {
+            Route::Waypoint { via, via_ip, service, target } => {
+                assert_eq!(via.name, "waypoint");
+                assert_eq!(via_ip, "10.0.0.100".parse::<std::net::IpAddr>().unwrap());
+                assert_eq!(service.name, "reviews");
+                assert_eq!(target, orig, "the waypoint is asked for the address the app dialled");
+            }
+            other => panic!("expected the waypoint route, got {other:?}"),
+        }
+        // The same service without the label is load-balanced by the agent itself.
+        let plain = state(vec![service("reviews", "10.96.0.1", None, vec![workload("reviews-v1", "10.0.0.1")])]);
+        assert!(
+            matches!(resolve(&plain, orig), Route::Mesh { target, .. } if target == "10.0.0.1:8080".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn waypoint_without_pods_fails_closed() {
+        let wp = service("waypoint", "10.96.0.100", None, vec![]);
+        let reviews = service("reviews", "10.96.0.1", Some("waypoint"), vec![workload("reviews-v1", "10.0.0.1")]);
+        let route = resolve(&state(vec![wp, reviews]), "10.96.0.1:80".parse().unwrap());
+        assert!(matches!(&route, Route::Refuse(why) if why.contains("no ready pod")), "{route:?}");
+    }
 }
