@@ -176,6 +176,138 @@ async fn tunnel_to_plain<W: AsyncWrite + Unpin>(mut recv: RecvStream, w: &mut W,
     Ok(())
 }
 
+/// Largest write handed to h2 at once: bounds the copy each `poll_write` makes.
+const MAX_WRITE: usize = 64 << 10;
+
+/// One HBONE tunnel (an h2 stream pair) as a byte stream, so HTTP can be served or spoken inside it
+/// (the waypoint runs hyper over it). Received bytes give their flow-control window back as they are
+/// read (a slow reader pushes back); `shutdown` sends END_STREAM; dropping it before both halves
+/// ended resets the stream (`CANCEL`), as a dropped TCP socket would.
+pub struct H2Io {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// Received bytes not read yet (their window is released only once read).
+    pending: Bytes,
+    read_eof: bool,
+    write_closed: bool,
+}
+
+impl H2Io {
+    pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+        H2Io { send, recv, pending: Bytes::new(), read_eof: false, write_closed: false }
+    }
+}
+
+impl std::fmt::Debug for H2Io {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H2Io")
+            .field("pending", &self.pending.len())
+            .field("read_eof", &self.read_eof)
+            .field("write_closed", &self.write_closed)
+            .finish()
+    }
+}
+
+fn h2_to_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        return e.into_io().unwrap_or_else(|| io::Error::other("HTTP/2 I/O error"));
+    }
+    let kind = match e.reason() {
+        Some(h2::Reason::CANCEL | h2::Reason::STREAM_CLOSED) => io::ErrorKind::ConnectionReset,
+        Some(h2::Reason::REFUSED_STREAM) => io::ErrorKind::ConnectionRefused,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, e)
+}
+
+impl AsyncRead for H2Io {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        while this.pending.is_empty() {
+            if this.read_eof {
+                return Poll::Ready(Ok(()));
+            }
+            match std::task::ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => this.pending = data,
+                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+                None => this.read_eof = true,
+            }
+        }
+        let n = this.pending.len().min(buf.remaining());
+        buf.put_slice(&this.pending.split_to(n));
+        if let Err(e) = this.recv.flow_control().release_capacity(n) {
+            return Poll::Ready(Err(h2_to_io(e)));
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for H2Io {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        use std::task::Poll;
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if self.write_closed {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "write after shutdown")));
+        }
+        let want = buf.len().min(MAX_WRITE);
+        // Bounded: each round either writes or waits for h2 to grant capacity.
+        for _ in 0..4 {
+            let cap = self.send.capacity();
+            if cap > 0 {
+                let n = cap.min(want);
+                return Poll::Ready(
+                    self.send.send_data(Bytes::copy_from_slice(&buf[..n]), false).map(|()| n).map_err(h2_to_io),
+                );
+            }
+            self.send.reserve_capacity(want);
+            match std::task::ready!(self.send.poll_capacity(cx)) {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+                None => return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "tunnel closed by peer"))),
+            }
+        }
+        // h2 kept granting nothing: try again on the next poll rather than spin here.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    fn poll_flush(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        // h2 writes frames as soon as its connection task runs; there is nothing buffered here.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        if !self.write_closed {
+            self.write_closed = true;
+            self.send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for H2Io {
+    fn drop(&mut self) {
+        // An unfinished tunnel must not look like a clean end to the peer.
+        if !self.write_closed || !self.read_eof {
+            self.send.send_reset(h2::Reason::CANCEL);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,5 +401,95 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, 20);
+    }
+
+    /// A server whose CONNECT streams are `H2Io`s handed to `serve`.
+    async fn h2io_pair<F, Fut>(serve: F) -> h2::client::SendRequest<Bytes>
+    where
+        F: Fn(H2Io) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (c, s) = duplex(1 << 20);
+        tokio::spawn(async move {
+            let mut conn = server_builder().handshake::<_, Bytes>(s).await.unwrap();
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                let send = respond.send_response(http::Response::new(()), false).unwrap();
+                tokio::spawn(serve(H2Io::new(send, req.into_body())));
+            }
+        });
+        let (sender, conn) = client_builder().handshake(c).await.unwrap();
+        tokio::spawn(conn);
+        sender
+    }
+
+    #[tokio::test]
+    async fn h2io_echoes_beyond_the_window_with_half_close() {
+        let sender = h2io_pair(|io| async move {
+            let (mut r, mut w) = tokio::io::split(io);
+            tokio::io::copy(&mut r, &mut w).await.unwrap();
+            w.shutdown().await.unwrap();
+        })
+        .await;
+        let (send, recv) = connect(sender, "10.0.0.7:80".parse().unwrap(), &[]).await.unwrap();
+        let io = H2Io::new(send, recv);
+        // 9 MiB: more than the stream window (4 MiB), so the echo only finishes if reads release it.
+        let payload: Vec<u8> = (0..9u32 << 20).map(|i| (i * 13 % 251) as u8).collect();
+        let (mut r, mut w) = tokio::io::split(io);
+        let writer = async {
+            w.write_all(&payload).await.unwrap();
+            w.shutdown().await.unwrap();
+        };
+        let mut got = Vec::new();
+        let reader = r.read_to_end(&mut got);
+        let ((), n) = tokio::time::timeout(std::time::Duration::from_secs(20), async { tokio::join!(writer, reader) })
+            .await
+            .expect("echo finished");
+        assert_eq!(n.unwrap(), payload.len());
+        assert!(got == payload, "echo differs");
+    }
+
+    #[tokio::test]
+    async fn h2io_carries_http1_both_ways() {
+        use http_body_util::{BodyExt, Full};
+        let sender = h2io_pair(|io| async move {
+            let svc = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                let body = req.into_body().collect().await?.to_bytes();
+                Ok::<_, hyper::Error>(http::Response::new(Full::new(Bytes::from([b"got ", &body[..]].concat()))))
+            });
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
+                .await
+                .unwrap();
+        })
+        .await;
+        let (send, recv) = connect(sender, "10.0.0.7:80".parse().unwrap(), &[]).await.unwrap();
+        let (mut client, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(H2Io::new(send, recv))).await.unwrap();
+        tokio::spawn(conn);
+        for i in 0..3 {
+            let req = http::Request::post("/").header("host", "x").body(Full::new(Bytes::from(format!("n{i}")))).unwrap();
+            let resp = client.send_request(req).await.unwrap();
+            assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), format!("got n{i}").as_bytes());
+        }
+    }
+
+    #[tokio::test]
+    async fn h2io_dropped_unfinished_resets_the_stream() {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let tx = std::sync::Mutex::new(Some(tx));
+        let sender = h2io_pair(move |mut io| {
+            let tx = tx.lock().unwrap().take().unwrap();
+            async move {
+                let mut buf = Vec::new();
+                let _ = tx.send(io.read_to_end(&mut buf).await.map_err(|e| e.kind()));
+            }
+        })
+        .await;
+        let (send, recv) = connect(sender, "10.0.0.7:80".parse().unwrap(), &[]).await.unwrap();
+        let mut io = H2Io::new(send, recv);
+        io.write_all(b"partial").await.unwrap();
+        drop(io);
+        let res = tokio::time::timeout(std::time::Duration::from_secs(5), rx).await.unwrap().unwrap();
+        assert_eq!(res, Err(io::ErrorKind::ConnectionReset), "a dropped tunnel must not read as a clean EOF");
     }
 }
