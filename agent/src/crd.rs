@@ -8,8 +8,15 @@
 //! Spec structs reject unknown fields, so a typo (`notPrincipal`, `matchLabel`) is an error that names
 //! the field instead of a silently wider or narrower policy.
 
+pub mod duration;
+pub mod gateway;
+pub mod networking;
 pub mod security;
 
+pub use gateway::{Gateway, GatewaySpec, HTTPRoute, HTTPRouteSpec};
+pub use networking::{
+    DestinationRule, DestinationRuleSpec, EnvoyFilter, EnvoyFilterSpec, VirtualService, VirtualServiceSpec,
+};
 pub use security::{
     Action, AuthorizationPolicy, AuthorizationPolicySpec, Condition, ExtensionProvider, MtlsMode, MutualTls, Operation,
     PeerAuthentication, PeerAuthenticationSpec, PolicyTargetReference, Rule, RuleFrom, RuleTo, Source,

@@ -105,6 +105,14 @@ pub struct RoutingConfig {
     /// Every AuthorizationPolicy (the L4 ones are compiled into `State::policies` as well); a
     /// waypoint applies those whose `targetRef(s)` name it or a service it serves.
     pub authorization_policies: Vec<crate::crd::AuthorizationPolicy>,
+    /// `networking.istio.io` VirtualServices, every namespace.
+    pub virtual_services: Vec<crate::crd::VirtualService>,
+    pub destination_rules: Vec<crate::crd::DestinationRule>,
+    /// Only the patches a waypoint recognises (local rate limit) have an effect.
+    pub envoy_filters: Vec<crate::crd::EnvoyFilter>,
+    /// `gateway.networking.k8s.io` Gateways (waypoints are those of class `weft-waypoint`/`istio-waypoint`).
+    pub gateways: Vec<crate::crd::Gateway>,
+    pub http_routes: Vec<crate::crd::HTTPRoute>,
 }
 
 impl State {
