@@ -19,6 +19,7 @@ pub mod probe;
 pub mod process;
 pub mod scenario;
 pub mod topology;
+pub mod waypoint;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,7 @@ use std::time::{Duration, Instant};
 pub use agent::{Agent, AgentOptions};
 pub use capture::Capture;
 pub use topology::{Mode, Pod, PodSpec, ServiceSpec, Topology};
+pub use waypoint::Waypoint;
 
 /// Panics with what to do unless the process runs as root.
 pub fn require_root() {

@@ -62,12 +62,15 @@ pub fn render(topo: &Topology, extra: &[String]) -> Result<String> {
         let ports: Vec<Value> = s
             .ports
             .iter()
-            .map(|(port, target)| json!({ "name": format!("tcp-{port}"), "port": port, "targetPort": target, "protocol": "TCP" }))
+            .map(|(port, target)| {
+                let name = s.port_names.get(port).cloned().unwrap_or_else(|| format!("tcp-{port}"));
+                json!({ "name": name, "port": port, "targetPort": target, "protocol": "TCP" })
+            })
             .collect();
         docs.push(json!({
             "apiVersion": "v1",
             "kind": "Service",
-            "metadata": { "name": s.name, "namespace": s.namespace },
+            "metadata": { "name": s.name, "namespace": s.namespace, "labels": s.labels },
             "spec": { "clusterIP": s.cluster_ip, "ports": ports, "selector": s.selector },
         }));
     }

@@ -96,8 +96,9 @@ pub fn parse_kv(out: &str) -> BTreeMap<String, String> {
 /// Which server to run.
 #[derive(Debug, Clone)]
 pub enum Server {
-    /// Answers every HTTP/1.1 request with `hello from <name> peer=<addr>`.
-    Http { name: String },
+    /// Answers every HTTP/1.1 request with `hello from <name> peer=<addr>` (and the headers
+    /// `x-served-by: <name>`, `x-served-at: <local address dialled>`), misbehaving as `faults` says.
+    Http { name: String, faults: HttpFaults },
     /// Echoes bytes until EOF.
     Echo,
     /// Reads to EOF, replies `bytes=N sha256=<hex>`.
@@ -105,6 +106,19 @@ pub enum Server {
     /// Sends `bytes` bytes of [`Pattern`], then closes; prints their hash.
     Source { bytes: u64 },
 }
+
+/// Ways an HTTP server misbehaves on purpose, for retries, timeouts and outlier detection.
+#[derive(Debug, Clone, Default)]
+pub struct HttpFaults {
+    /// Answer every Nth request (counted across connections, from 1) with `fail_status`; 0: never.
+    pub fail_every: u64,
+    /// Status of the failed answers (503 unless set).
+    pub fail_status: u16,
+    /// Wait this long before every answer.
+    pub delay: Duration,
+}
+
+static HTTP_REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Binds `[::]:port` (dual stack) and serves `kind` until `lifetime` passes or `max_conns`
 /// connections were accepted.
@@ -152,7 +166,7 @@ fn handle(kind: Server, mut s: TcpStream, peer: &str) -> Result<()> {
     s.set_write_timeout(Some(IO_TIMEOUT))?;
     s.set_nodelay(true)?;
     match kind {
-        Server::Http { name } => http_conn(&mut s, &name, peer),
+        Server::Http { name, faults } => http_conn(&mut s, &name, &faults, peer),
         Server::Echo => {
             let mut r = s.try_clone()?;
             io::copy(&mut r, &mut s)?;
@@ -174,7 +188,9 @@ fn handle(kind: Server, mut s: TcpStream, peer: &str) -> Result<()> {
 }
 
 /// Serves HTTP/1.1 requests on one connection (keep-alive honoured), at most 10 000 of them.
-fn http_conn(s: &mut TcpStream, name: &str, peer: &str) -> Result<()> {
+fn http_conn(s: &mut TcpStream, name: &str, faults: &HttpFaults, peer: &str) -> Result<()> {
+    // The address the client dialled: one server on [::] tells its loopback aliases apart.
+    let local = s.local_addr().map(|a| a.ip().to_canonical().to_string()).unwrap_or_default();
     let mut r = BufReader::new(s.try_clone()?);
     for _ in 0..10_000 {
         let mut head = String::new();
@@ -202,10 +218,20 @@ fn http_conn(s: &mut TcpStream, name: &str, peer: &str) -> Result<()> {
         io::copy(&mut (&mut r).take(len), &mut io::sink())?;
         let http10 = head.lines().next().is_some_and(|l| l.trim_end().ends_with("HTTP/1.0"));
         let close = lower.contains("connection: close") || (http10 && !lower.contains("connection: keep-alive"));
-        let body = format!("hello from {name} peer={peer}\n");
+        let n = HTTP_REQUESTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        if !faults.delay.is_zero() {
+            std::thread::sleep(faults.delay);
+        }
+        let failed = faults.fail_every > 0 && n % faults.fail_every == 0;
+        let (status, body) = if failed {
+            let code = if faults.fail_status == 0 { 503 } else { faults.fail_status };
+            (format!("{code} Injected"), format!("failure {n} from {name}\n"))
+        } else {
+            ("200 OK".to_string(), format!("hello from {name} peer={peer}\n"))
+        };
         write!(
             s,
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{body}",
+            "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nx-served-by: {name}\r\nx-served-at: {local}\r\n{}\r\n{body}",
             body.len(),
             if close { "Connection: close\r\n" } else { "" }
         )?;
@@ -424,7 +450,7 @@ mod tests {
 
     #[test]
     fn http_server_answers_with_name_and_peer() {
-        let addr = server(Server::Http { name: "b".into() });
+        let addr = server(Server::Http { name: "b".into(), faults: HttpFaults::default() });
         let mut s = connect(addr).unwrap();
         write!(s, "POST /x HTTP/1.1\r\nHost: b\r\nContent-Length: 3\r\n\r\nabcGET / HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n").unwrap();
         let mut out = String::new();

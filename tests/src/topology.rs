@@ -76,6 +76,9 @@ pub struct ServiceSpec {
     pub cluster_ip: String,
     pub ports: Vec<(u16, u16)>,
     pub selector: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
+    /// Port names (Istio reads the protocol from a `http-`/`tcp-` prefix); default `tcp-<port>`.
+    pub port_names: BTreeMap<u16, String>,
 }
 
 impl ServiceSpec {
@@ -86,7 +89,18 @@ impl ServiceSpec {
             cluster_ip: cluster_ip.into(),
             ports: Vec::new(),
             selector: BTreeMap::new(),
+            labels: BTreeMap::new(),
+            port_names: BTreeMap::new(),
         }
+    }
+    /// A port named `http-<port>`: HTTP, which a waypoint routes at L7.
+    pub fn http_port(mut self, port: u16, target_port: u16) -> Self {
+        self.port_names.insert(port, format!("http-{port}"));
+        self.port(port, target_port)
+    }
+    pub fn label(mut self, k: &str, v: &str) -> Self {
+        self.labels.insert(k.into(), v.into());
+        self
     }
     pub fn port(mut self, port: u16, target_port: u16) -> Self {
         self.ports.push((port, target_port));
@@ -161,7 +175,17 @@ impl Pod {
 
     /// Starts `weft-probe http-serve --port P --name <pod name>`.
     pub fn serve_http(&self, port: u16) -> Result<Background> {
-        self.serve(&format!("http{port}"), &["http-serve", "--port", &port.to_string(), "--name", &self.spec.name])
+        self.serve_http_with(port, &[])
+    }
+
+    /// `serve_http` with extra `http-serve` flags (`--fail-every`, `--fail-status`, `--delay-ms`).
+    pub fn serve_http_with(&self, port: u16, flags: &[&str]) -> Result<Background> {
+        let mut args = vec!["http-serve", "--port"];
+        let port_s = port.to_string();
+        args.push(&port_s);
+        args.extend(["--name", self.spec.name.as_str()]);
+        args.extend(flags);
+        self.serve(&format!("http{port}"), &args)
     }
 
     /// `curl` from inside the pod with a hard time limit; `marker` goes into a request header so

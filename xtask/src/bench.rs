@@ -16,6 +16,8 @@ use weft_tests::{Agent, AgentOptions, Mode, Pod, PodSpec, Topology};
 
 use crate::sys;
 
+pub mod waypoint;
+
 #[derive(clap::Args)]
 pub struct Args {
     /// Seconds per measurement.

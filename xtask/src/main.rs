@@ -5,6 +5,7 @@
 //! - `test`: everything CI runs, as root: unit, in-process and network-namespace suites
 //! - `demo [--check]`: a local mesh of network-namespace pods, walked through step by step
 //! - `bench l4`: no mesh vs weft (eBPF redirect) vs iptables REDIRECT on the same topology
+//! - `bench waypoint`: weft waypoint vs Envoy on the same L7 route table
 //!
 //! Each task lives in its own module; this file only parses the command line.
 
@@ -63,6 +64,8 @@ enum Cmd {
 enum BenchCmd {
     /// L4 data path: no mesh vs weft (eBPF) vs iptables REDIRECT, on one netns topology.
     L4(bench::Args),
+    /// L7: weft waypoint vs Envoy on the same route table (header match + 80/20 split), one run.
+    Waypoint(bench::waypoint::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -73,5 +76,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo { check, debug } => demo::run(check, !debug),
         Cmd::KindE2e(args) => deploy::kind_e2e(args),
         Cmd::Bench { which: BenchCmd::L4(args) } => bench::l4(args),
+        Cmd::Bench { which: BenchCmd::Waypoint(args) } => bench::waypoint::run(args),
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use weft_tests::probe::{self, DEFAULT_LIFETIME, Server};
+use weft_tests::probe::{self, DEFAULT_LIFETIME, HttpFaults, Server};
 
 #[derive(Parser)]
 #[command(name = "weft-probe", about = "Traffic servers and clients for weft's network-namespace tests")]
@@ -36,6 +36,14 @@ enum Cmd {
         serve: ServeOpts,
         #[arg(long)]
         name: String,
+        /// Answer every Nth request (across connections) with --fail-status; 0: never.
+        #[arg(long, default_value_t = 0)]
+        fail_every: u64,
+        #[arg(long, default_value_t = 503)]
+        fail_status: u16,
+        /// Delay every answer by this many milliseconds.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
     },
     /// Echo every byte back until EOF.
     Echo {
@@ -103,7 +111,10 @@ fn serve(kind: Server, o: ServeOpts) -> Result<()> {
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
-        Cmd::HttpServe { serve: o, name } => serve(Server::Http { name }, o),
+        Cmd::HttpServe { serve: o, name, fail_every, fail_status, delay_ms } => {
+            let faults = HttpFaults { fail_every, fail_status, delay: Duration::from_millis(delay_ms) };
+            serve(Server::Http { name, faults }, o)
+        }
         Cmd::Echo { serve: o } => serve(Server::Echo, o),
         Cmd::Sink { serve: o } => serve(Server::Sink, o),
         Cmd::Source { serve: o, bytes } => serve(Server::Source { bytes }, o),

@@ -1,0 +1,115 @@
+//! A waypoint as a child process inside its own pod: `weft waypoint --config <mesh.yaml> …` run
+//! with `ip netns exec`, sharing the node agent's state dir (the local CA root) so both hold
+//! certificates of one mesh. Its admin/metrics/ready ports are Istio's standard ones inside the
+//! pod's netns, so scrapes run `curl` in the pod.
+//!
+//! Owns starting, readiness and scrapes; it asserts nothing about the waypoint's behaviour.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::Signal;
+
+use crate::metrics::Metrics;
+use crate::process::{Background, Io};
+use crate::topology::{Pod, Topology};
+use crate::{poll, read_lossy, tail, weft_bin};
+
+/// Label Istio puts on a waypoint's pods (and selects its Service with).
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+
+/// A running waypoint; SIGTERMed on drop, its log printed if the thread panics.
+pub struct Waypoint {
+    pod: Pod,
+    log: PathBuf,
+    bg: Option<Background>,
+}
+
+impl Waypoint {
+    /// Starts `weft waypoint` for Gateway `namespace/name` in `pod` and waits until it is ready.
+    pub fn start(topo: &Topology, pod: &str, namespace: &str, name: &str) -> Result<Waypoint> {
+        let pod = topo.pod(pod).clone();
+        let state = topo.dir().join("state");
+        std::fs::create_dir_all(&state)?;
+        let log = topo.dir().join(format!("waypoint-{name}.log"));
+        let args: Vec<String> = [
+            "netns",
+            "exec",
+            &pod.netns,
+            &weft_bin().display().to_string(),
+            "waypoint",
+            "--config",
+            &topo.mesh_path().display().to_string(),
+            "--state-dir",
+            &state.display().to_string(),
+            "--namespace",
+            namespace,
+            "--name",
+            name,
+            "--log-format",
+            "text",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info,weft=debug".into());
+        let env = [("RUST_LOG", rust_log.as_str()), ("NO_COLOR", "1")];
+        let bg = Background::spawn_with_env("weft waypoint", "ip", &args, &env, &log, Io::Log)?;
+        let mut w = Waypoint { pod, log, bg: Some(bg) };
+        w.wait_ready()?;
+        Ok(w)
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let ready = poll(Duration::from_secs(30), Duration::from_millis(200), || {
+            if let Some(bg) = self.bg.as_mut()
+                && bg.exited().is_some()
+            {
+                return Some(false);
+            }
+            self.get("http://127.0.0.1:15021/healthz/ready").ok().filter(|b| !b.is_empty()).map(|_| true)
+        });
+        match ready {
+            Some(true) => Ok(()),
+            Some(false) => bail!("weft waypoint exited before it was ready:\n{}", tail(&self.log(), 100)),
+            None => bail!("weft waypoint not ready within 30 s:\n{}", tail(&self.log(), 100)),
+        }
+    }
+
+    /// GET `url` from inside the waypoint's pod (its admin ports are only there).
+    fn get(&self, url: &str) -> Result<String> {
+        let out = self.pod.exec(&["curl", "-sS", "-f", "--max-time", "5", url], Duration::from_secs(8))?;
+        if !out.success() {
+            bail!("GET {url} in {}: {out}", self.pod.name());
+        }
+        Ok(out.stdout)
+    }
+
+    pub fn metrics_text(&self) -> Result<String> {
+        self.get("http://127.0.0.1:15020/metrics").context("scrape waypoint metrics")
+    }
+
+    pub fn metrics(&self) -> Result<Metrics> {
+        Ok(Metrics::parse(&self.metrics_text()?))
+    }
+
+    pub fn log(&self) -> String {
+        read_lossy(&self.log)
+    }
+}
+
+impl Drop for Waypoint {
+    fn drop(&mut self) {
+        if let Some(mut bg) = self.bg.take() {
+            let _ = bg.stop_with(Signal::SIGTERM, Duration::from_secs(10));
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "===== waypoint log ({}) =====\n{}\n===== end of waypoint log =====",
+                self.log.display(),
+                tail(&self.log(), 300)
+            );
+        }
+    }
+}
