@@ -224,6 +224,132 @@ impl Config {
     }
 }
 
+/// Default HBONE listener of a waypoint (all addresses: node agents dial the waypoint pod's IP).
+pub const DEFAULT_WAYPOINT_HBONE_ADDR: &str = "[::]:15008";
+
+/// `weft waypoint` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WaypointArgs {
+    /// Local mode: the mesh YAML file (the same one the node agents read, including Gateway, HTTPRoute,
+    /// VirtualService, DestinationRule and EnvoyFilter documents). Without it: cluster mode.
+    #[arg(long, value_name = "MESH_YAML")]
+    pub config: Option<PathBuf>,
+    /// Cluster mode: kubeconfig instead of the in-cluster ServiceAccount (or $KUBECONFIG).
+    #[arg(long, conflicts_with = "config")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Namespace of the waypoint's Gateway (and its Service).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub namespace: String,
+    /// Name of the waypoint's Gateway (and its Service): services labelled `istio.io/use-waypoint: NAME` go through it.
+    #[arg(long)]
+    pub name: String,
+    /// ServiceAccount whose SPIFFE identity the waypoint presents (default: --name, as istioctl deploys it).
+    #[arg(long)]
+    pub service_account: Option<String>,
+    #[arg(long, default_value = DEFAULT_CA_ADDRESS)]
+    pub ca_address: String,
+    #[arg(long)]
+    pub ca_server_name: Option<String>,
+    #[arg(long, default_value = DEFAULT_CA_ROOT_CERT)]
+    pub ca_root_cert: PathBuf,
+    #[arg(long, default_value = DEFAULT_TOKEN_PATH)]
+    pub token_path: PathBuf,
+    #[arg(long, env = TRUST_DOMAIN_ENV, default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Local mode: where the local CA keeps its root (share it with the node agents: same directory).
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// HBONE (mutual TLS) listener.
+    #[arg(long, default_value = DEFAULT_WAYPOINT_HBONE_ADDR)]
+    pub hbone_addr: SocketAddr,
+    /// Optional plaintext HTTP front door (ingress style): the service is taken from the Host header
+    /// (`name[.namespace[.svc.cluster.local]][:port]`).
+    #[arg(long, value_name = "ADDR")]
+    pub http_listen: Option<SocketAddr>,
+    #[arg(long, default_value = DEFAULT_ADMIN_ADDR)]
+    pub admin_addr: SocketAddr,
+    #[arg(long, default_value = DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: SocketAddr,
+    #[arg(long, default_value = DEFAULT_READY_ADDR)]
+    pub ready_addr: SocketAddr,
+    #[arg(long, default_value_t = DEFAULT_CERT_TTL.as_secs())]
+    pub cert_ttl_secs: u64,
+    #[arg(long, default_value_t = DEFAULT_DRAIN_TIMEOUT.as_secs())]
+    pub drain_timeout_secs: u64,
+    /// Tokio worker threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub worker_threads: usize,
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// The validated configuration of `weft waypoint`.
+#[derive(Debug, Clone)]
+pub struct WaypointConfig {
+    /// Source, CA, trust domain, admin ports, drain, logging: validated exactly as for `weft node`
+    /// (the node-only fields keep their defaults and are not used).
+    pub base: Config,
+    pub namespace: String,
+    pub name: String,
+    pub service_account: String,
+    pub hbone_addr: SocketAddr,
+    pub http_listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WaypointConfigError {
+    #[error(transparent)]
+    Base(#[from] Error),
+    #[error("--{flag} {value:?}: must be a Kubernetes name (lowercase letters, digits, '-', '.')")]
+    BadName { flag: &'static str, value: String },
+}
+
+fn k8s_name_ok(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+}
+
+impl WaypointConfig {
+    pub fn from_args(a: WaypointArgs) -> Result<Self, WaypointConfigError> {
+        let service_account = a.service_account.clone().unwrap_or_else(|| a.name.clone());
+        for (flag, value) in [("namespace", &a.namespace), ("name", &a.name), ("service-account", &service_account)] {
+            if !k8s_name_ok(value) {
+                return Err(WaypointConfigError::BadName { flag, value: value.clone() });
+            }
+        }
+        let node = NodeArgs {
+            config: a.config,
+            kubeconfig: a.kubeconfig,
+            ca_address: a.ca_address,
+            ca_server_name: a.ca_server_name,
+            ca_root_cert: a.ca_root_cert,
+            token_path: a.token_path,
+            cni_socket: DEFAULT_CNI_SOCKET.into(),
+            node_name: format!("waypoint-{}", a.name),
+            trust_domain: a.trust_domain,
+            state_dir: a.state_dir,
+            bpf_pin_dir: DEFAULT_PIN_DIR.into(),
+            cgroup: DEFAULT_CGROUP.into(),
+            redirect: RedirectMode::Ebpf,
+            bpf_connection_events: false,
+            admin_addr: a.admin_addr,
+            metrics_addr: a.metrics_addr,
+            ready_addr: a.ready_addr,
+            cert_ttl_secs: a.cert_ttl_secs,
+            drain_timeout_secs: a.drain_timeout_secs,
+            worker_threads: a.worker_threads,
+            log_format: a.log_format,
+        };
+        Ok(WaypointConfig {
+            base: Config::from_node_args(node)?,
+            namespace: a.namespace,
+            name: a.name,
+            service_account,
+            hbone_addr: a.hbone_addr,
+            http_listen: a.http_listen,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,5 +400,41 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("/nonexistent/mesh.yaml"), "{e}");
+    }
+
+    #[derive(Parser)]
+    struct WpCli {
+        #[command(flatten)]
+        wp: WaypointArgs,
+    }
+
+    #[test]
+    fn waypoint_defaults_and_validation() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let path = f.path().to_str().unwrap();
+        let c = WaypointConfig::from_args(
+            WpCli::parse_from(["weft", "--config", path, "--namespace", "demo", "--name", "waypoint"]).wp,
+        )
+        .unwrap();
+        assert_eq!(c.service_account, "waypoint");
+        assert_eq!(c.hbone_addr.port(), 15008);
+        assert_eq!(c.base.metrics_addr.port(), 15020);
+        assert_eq!(c.base.ready_addr.port(), 15021);
+        assert_eq!(c.base.admin_addr.port(), 15000);
+        assert_eq!(c.base.ca, CaMode::Local);
+        assert!(c.http_listen.is_none());
+        let e = WaypointConfig::from_args(
+            WpCli::parse_from(["weft", "--config", path, "--namespace", "Demo", "--name", "waypoint"]).wp,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--namespace"), "{e}");
+        let c = WaypointConfig::from_args(
+            WpCli::parse_from(["weft", "--kubeconfig", "/k", "--namespace", "demo", "--name", "wp", "--service-account", "sa1", "--http-listen", "127.0.0.1:8080"]).wp,
+        )
+        .unwrap();
+        assert_eq!(c.service_account, "sa1");
+        assert_eq!(c.base.source, Source::Kube { kubeconfig: Some("/k".into()) });
+        assert_eq!(c.http_listen, Some("127.0.0.1:8080".parse().unwrap()));
     }
 }
