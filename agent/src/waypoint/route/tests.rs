@@ -1,0 +1,1 @@
+//! Table-driven routing cases (request → expected backend / status / headers / Location).
