@@ -1,6 +1,9 @@
 //! The local-mode source: one multi-document YAML file of Kubernetes-shaped objects (`v1`
 //! Namespace, ServiceAccount, Pod, Service; `security.istio.io` AuthorizationPolicy and
-//! PeerAuthentication) turned into a [`State`], and re-read when it changes or on SIGHUP.
+//! PeerAuthentication; `networking.istio.io` VirtualService, DestinationRule and EnvoyFilter;
+//! `gateway.networking.k8s.io` Gateway and HTTPRoute) turned into a [`State`], and re-read when it
+//! changes or on SIGHUP. The traffic-management resources are only shape-checked here and land in
+//! [`crate::state::RoutingConfig`]: a waypoint compiles them and reports what it cannot use.
 //!
 //! The file is held to what the API server would accept, because a local mesh that accepts what
 //! a cluster refuses teaches the wrong YAML: objects need a declared namespace (`default` exists
@@ -124,9 +127,18 @@ struct Objects {
     services: Vec<(usize, k8s_openapi::api::core::v1::Service)>,
     authorization_policies: Vec<(usize, crate::crd::AuthorizationPolicy)>,
     peer_authentications: Vec<(usize, crate::crd::PeerAuthentication)>,
+    virtual_services: Vec<(usize, crate::crd::VirtualService)>,
+    destination_rules: Vec<(usize, crate::crd::DestinationRule)>,
+    envoy_filters: Vec<(usize, crate::crd::EnvoyFilter)>,
+    gateways: Vec<(usize, crate::crd::Gateway)>,
+    http_routes: Vec<(usize, crate::crd::HTTPRoute)>,
 }
 
 const ISTIO_SECURITY_VERSIONS: &[&str] = &["security.istio.io/v1", "security.istio.io/v1beta1"];
+const ISTIO_NETWORKING_VERSIONS: &[&str] =
+    &["networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"];
+const ENVOY_FILTER_VERSIONS: &[&str] = &["networking.istio.io/v1alpha3"];
+const GATEWAY_API_VERSIONS: &[&str] = &["gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1"];
 
 fn read_documents(text: &str, file: &str) -> Result<Objects, FileError> {
     let mut objects = Objects::default();
@@ -168,13 +180,17 @@ fn read_documents(text: &str, file: &str) -> Result<Objects, FileError> {
         let expected: &[&str] = match kind.as_str() {
             "Namespace" | "ServiceAccount" | "Pod" | "Service" => &["v1"],
             "AuthorizationPolicy" | "PeerAuthentication" => ISTIO_SECURITY_VERSIONS,
+            "VirtualService" | "DestinationRule" => ISTIO_NETWORKING_VERSIONS,
+            "EnvoyFilter" => ENVOY_FILTER_VERSIONS,
+            "Gateway" | "HTTPRoute" => GATEWAY_API_VERSIONS,
             _ => {
                 return Err(invalid(
                     Some(object),
                     Some("kind".into()),
                     format!(
                         "unsupported kind {kind:?}; the local file accepts Namespace, ServiceAccount, Pod, Service, \
-                         AuthorizationPolicy and PeerAuthentication"
+                         AuthorizationPolicy, PeerAuthentication, VirtualService, DestinationRule, EnvoyFilter, \
+                         Gateway and HTTPRoute"
                     ),
                 ));
             }
@@ -192,7 +208,12 @@ fn read_documents(text: &str, file: &str) -> Result<Objects, FileError> {
             "Pod" => objects.pods.push((doc, typed(value, &object, &invalid)?)),
             "Service" => objects.services.push((doc, typed(value, &object, &invalid)?)),
             "AuthorizationPolicy" => objects.authorization_policies.push((doc, typed(value, &object, &invalid)?)),
-            _ => objects.peer_authentications.push((doc, typed(value, &object, &invalid)?)),
+            "PeerAuthentication" => objects.peer_authentications.push((doc, typed(value, &object, &invalid)?)),
+            "VirtualService" => objects.virtual_services.push((doc, typed(value, &object, &invalid)?)),
+            "DestinationRule" => objects.destination_rules.push((doc, typed(value, &object, &invalid)?)),
+            "EnvoyFilter" => objects.envoy_filters.push((doc, typed(value, &object, &invalid)?)),
+            "Gateway" => objects.gateways.push((doc, typed(value, &object, &invalid)?)),
+            _ => objects.http_routes.push((doc, typed(value, &object, &invalid)?)),
         }
     }
     Ok(objects)

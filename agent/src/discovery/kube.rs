@@ -21,9 +21,13 @@
 //! - Services and `discovery.k8s.io/v1` EndpointSlices: a service's endpoints come from its
 //!   slices when it has any (ready endpoints whose address is a known pod), and from its selector
 //!   otherwise.
-//! - `security.istio.io/v1` AuthorizationPolicy and PeerAuthentication, read untyped and parsed
-//!   one by one, so a single malformed object is left out (logged with its field) instead of
-//!   failing the whole list. A CRD that is not installed counts as "no objects" (logged once).
+//! - `security.istio.io/v1` AuthorizationPolicy and PeerAuthentication, `networking.istio.io`
+//!   VirtualService and DestinationRule (`v1`) and EnvoyFilter (`v1alpha3`), and
+//!   `gateway.networking.k8s.io/v1` Gateway and HTTPRoute: read untyped and parsed one by one, so a
+//!   single malformed object is left out (logged with its field) instead of failing the whole
+//!   list. A CRD that is not installed counts as "no objects" (logged once, as a warning naming the
+//!   CRD): the first sync does not wait for it, and its objects appear once it is installed. The
+//!   traffic-management kinds only feed [`crate::state::RoutingConfig`] (waypoints compile them).
 //!
 //! ServiceAccounts are not watched: a pod's identity only needs the name in its spec, and the API
 //! server's admission already checked that it exists.
@@ -111,15 +115,25 @@ enum Kind {
     EndpointSlices,
     AuthorizationPolicies,
     PeerAuthentications,
+    VirtualServices,
+    DestinationRules,
+    EnvoyFilters,
+    Gateways,
+    HttpRoutes,
 }
 
-const KINDS: [Kind; 6] = [
+const KINDS: [Kind; 11] = [
     Kind::Pods,
     Kind::Namespaces,
     Kind::Services,
     Kind::EndpointSlices,
     Kind::AuthorizationPolicies,
     Kind::PeerAuthentications,
+    Kind::VirtualServices,
+    Kind::DestinationRules,
+    Kind::EnvoyFilters,
+    Kind::Gateways,
+    Kind::HttpRoutes,
 ];
 
 impl Kind {
@@ -131,11 +145,26 @@ impl Kind {
             Kind::EndpointSlices => "endpointslices.discovery.k8s.io",
             Kind::AuthorizationPolicies => "authorizationpolicies.security.istio.io",
             Kind::PeerAuthentications => "peerauthentications.security.istio.io",
+            Kind::VirtualServices => "virtualservices.networking.istio.io",
+            Kind::DestinationRules => "destinationrules.networking.istio.io",
+            Kind::EnvoyFilters => "envoyfilters.networking.istio.io",
+            Kind::Gateways => "gateways.gateway.networking.k8s.io",
+            Kind::HttpRoutes => "httproutes.gateway.networking.k8s.io",
         }
     }
 
     fn is_crd(self) -> bool {
-        matches!(self, Kind::AuthorizationPolicies | Kind::PeerAuthentications)
+        !matches!(self, Kind::Pods | Kind::Namespaces | Kind::Services | Kind::EndpointSlices)
+    }
+
+    /// What to install when the kind's CRD is missing.
+    fn crd_hint(self) -> &'static str {
+        match self {
+            Kind::Gateways | Kind::HttpRoutes => {
+                "install the Gateway API CRDs (kubectl apply -f https://github.com/kubernetes-sigs/gateway-api/releases/download/v1.3.0/standard-install.yaml) to use it"
+            }
+            _ => "install the Istio CRDs (deploy/crds, or the chart's crds/) to use it",
+        }
     }
 }
 
@@ -157,6 +186,11 @@ struct Stores {
     slices: Store<EndpointSlice>,
     authz: Store<DynamicObject>,
     peer: Store<DynamicObject>,
+    virtual_services: Store<DynamicObject>,
+    destination_rules: Store<DynamicObject>,
+    envoy_filters: Store<DynamicObject>,
+    gateways: Store<DynamicObject>,
+    http_routes: Store<DynamicObject>,
 }
 
 fn reflect<K>(
@@ -190,20 +224,43 @@ fn start(client: kube::Client) -> (Stores, SelectAll<BoxStream<'static, (Kind, O
     let (namespaces, namespaces_w) = reflector::store();
     let (services, services_w) = reflector::store();
     let (slices, slices_w) = reflector::store();
-    let authz_ar = ApiResource::erase::<crate::crd::AuthorizationPolicy>(&());
-    let peer_ar = ApiResource::erase::<crate::crd::PeerAuthentication>(&());
-    let authz_w = reflector::store::Writer::new(authz_ar.clone());
-    let peer_w = reflector::store::Writer::new(peer_ar.clone());
-    let stores = Stores { pods, namespaces, services, slices, authz: authz_w.as_reader(), peer: peer_w.as_reader() };
-    let streams = futures::stream::select_all([
+    let mut streams = Vec::new();
+    let mut dynamic = |kind: Kind, ar: ApiResource, trim: fn(&mut DynamicObject)| {
+        let writer = reflector::store::Writer::new(ar.clone());
+        let store = writer.as_reader();
+        streams.push(reflect(kind, Api::all_with(client.clone(), &ar), writer, trim));
+        store
+    };
+    use crate::crd::{
+        AuthorizationPolicy, DestinationRule, EnvoyFilter, Gateway, HTTPRoute, PeerAuthentication, VirtualService,
+    };
+    let authz = dynamic(Kind::AuthorizationPolicies, ApiResource::erase::<AuthorizationPolicy>(&()), trim::dynamic);
+    let peer = dynamic(Kind::PeerAuthentications, ApiResource::erase::<PeerAuthentication>(&()), trim::dynamic);
+    let virtual_services = dynamic(Kind::VirtualServices, ApiResource::erase::<VirtualService>(&()), trim::routing);
+    let destination_rules = dynamic(Kind::DestinationRules, ApiResource::erase::<DestinationRule>(&()), trim::routing);
+    let envoy_filters = dynamic(Kind::EnvoyFilters, ApiResource::erase::<EnvoyFilter>(&()), trim::routing);
+    let gateways = dynamic(Kind::Gateways, ApiResource::erase::<Gateway>(&()), trim::routing);
+    let http_routes = dynamic(Kind::HttpRoutes, ApiResource::erase::<HTTPRoute>(&()), trim::routing);
+    let stores = Stores {
+        pods,
+        namespaces,
+        services,
+        slices,
+        authz,
+        peer,
+        virtual_services,
+        destination_rules,
+        envoy_filters,
+        gateways,
+        http_routes,
+    };
+    streams.extend([
         reflect(Kind::Pods, Api::all(client.clone()), pods_w, trim::pod),
         reflect(Kind::Namespaces, Api::all(client.clone()), namespaces_w, trim::namespace),
         reflect(Kind::Services, Api::all(client.clone()), services_w, trim::service),
-        reflect(Kind::EndpointSlices, Api::all(client.clone()), slices_w, trim::endpoint_slice),
-        reflect(Kind::AuthorizationPolicies, Api::all_with(client.clone(), &authz_ar), authz_w, trim::dynamic),
-        reflect(Kind::PeerAuthentications, Api::all_with(client, &peer_ar), peer_w, trim::dynamic),
+        reflect(Kind::EndpointSlices, Api::all(client), slices_w, trim::endpoint_slice),
     ]);
-    (stores, streams)
+    (stores, futures::stream::select_all(streams))
 }
 
 /// Keeps `store` equal to what the API server holds until `shutdown` resolves. The first snapshot
@@ -305,7 +362,8 @@ impl Health {
                     if new {
                         tracing::warn!(
                             kind = kind.name(),
-                            "resource not served (CRD not installed?): treating it as empty; install the Istio CRDs to use it"
+                            hint = kind.crd_hint(),
+                            "resource not served (CRD not installed?): treating it as empty until it appears"
                         );
                     }
                     // Nothing to wait for: readiness must not hang on an optional CRD.

@@ -19,7 +19,8 @@ use crate::identity::Identity;
 use crate::netns::NAMED_NETNS_DIR;
 use crate::policy::{Policies, PolicyKind};
 use crate::state::{
-    DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE, Service, ServicePort, State, Workload,
+    DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE, RoutingConfig, Service, ServicePort, State,
+    Workload,
 };
 
 /// What is wrong with one object: the path of the offending field and why.
@@ -90,6 +91,11 @@ fn check_metadata(cx: &Cx<'_>, objects: &Objects) -> Result<(), FileError> {
     all.extend(objects.services.iter().map(|(d, o)| (*d, "Service", &o.metadata, true)));
     all.extend(objects.authorization_policies.iter().map(|(d, o)| (*d, "AuthorizationPolicy", &o.metadata, true)));
     all.extend(objects.peer_authentications.iter().map(|(d, o)| (*d, "PeerAuthentication", &o.metadata, true)));
+    all.extend(objects.virtual_services.iter().map(|(d, o)| (*d, "VirtualService", &o.metadata, true)));
+    all.extend(objects.destination_rules.iter().map(|(d, o)| (*d, "DestinationRule", &o.metadata, true)));
+    all.extend(objects.envoy_filters.iter().map(|(d, o)| (*d, "EnvoyFilter", &o.metadata, true)));
+    all.extend(objects.gateways.iter().map(|(d, o)| (*d, "Gateway", &o.metadata, true)));
+    all.extend(objects.http_routes.iter().map(|(d, o)| (*d, "HTTPRoute", &o.metadata, true)));
     all.sort_by_key(|(doc, ..)| *doc);
 
     let declared: HashSet<&str> = objects.namespaces.iter().map(|(_, n)| name_of(&n.metadata)).collect();
@@ -216,7 +222,15 @@ pub(super) fn build(objects: Objects, file: &str, opts: &FileOptions) -> Result<
         return Err(cx.err(doc, &object, Some(&e.field), e.reason.clone()));
     }
 
-    Ok(State { workloads_by_ip, services_by_vip, namespaces, policies, routing: Default::default() })
+    let routing = RoutingConfig {
+        authorization_policies: aps,
+        virtual_services: objects.virtual_services.iter().map(|(_, o)| o.clone()).collect(),
+        destination_rules: objects.destination_rules.iter().map(|(_, o)| o.clone()).collect(),
+        envoy_filters: objects.envoy_filters.iter().map(|(_, o)| o.clone()).collect(),
+        gateways: objects.gateways.iter().map(|(_, o)| o.clone()).collect(),
+        http_routes: objects.http_routes.iter().map(|(_, o)| o.clone()).collect(),
+    };
+    Ok(State { workloads_by_ip, services_by_vip, namespaces, policies, routing: Arc::new(routing) })
 }
 
 /// One pod → a workload, plus its IPs with the field each came from. `service_accounts`: the

@@ -470,3 +470,132 @@ fn the_shipped_example_is_the_demo_mesh() {
     assert!(matches!(state.policies.authorize(&conn("cluster.local/ns/demo/sa/intruder")), Decision::Deny { .. }));
     assert_eq!(state.policies.mtls_mode("demo", &server.labels, 8080), MtlsMode::Strict);
 }
+
+/// Traffic-management objects of every accepted group/version, as Istio's and the Gateway API's
+/// docs write them.
+const ROUTING: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: bookinfo, labels: {istio.io/use-waypoint: waypoint}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{headers: {end-user: {exact: jason}}}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - route: [{destination: {host: reviews, subset: v1}, weight: 80}, {destination: {host: reviews, subset: v2}, weight: 20}]
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {name: ratings, namespace: bookinfo}
+spec:
+  hosts: [ratings]
+  http: [{fault: {delay: {fixedDelay: 7s, percentage: {value: 100}}}, route: [{destination: {host: ratings}}]}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  host: reviews
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: EnvoyFilter
+metadata: {name: ratelimit, namespace: bookinfo}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  configPatches:
+  - applyTo: HTTP_FILTER
+    patch: {operation: ADD, value: {name: envoy.filters.http.local_ratelimit}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: bookinfo}
+spec:
+  gatewayClassName: weft-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: HTTPRoute
+metadata: {name: productpage, namespace: bookinfo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: productpage, port: 9080}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /api}, headers: [{name: x-canary, value: "1"}]}]
+    backendRefs: [{name: productpage-v2, port: 9080}]
+  - backendRefs: [{name: productpage-v1, port: 9080, weight: 90}, {name: productpage-v2, port: 9080, weight: 10}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: waypoint-get-only, namespace: bookinfo}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  rules: [{to: [{operation: {methods: [GET]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: l4, namespace: bookinfo}
+spec: {rules: [{from: [{source: {namespaces: [bookinfo]}}]}]}
+"#;
+
+#[test]
+fn routing_resources_fill_the_routing_config() {
+    let state = parse(ROUTING, "mesh.yaml", &opts()).unwrap();
+    let r = &state.routing;
+    let names = |v: Vec<String>| v;
+    fn meta(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+        format!("{}/{}", m.namespace.as_deref().unwrap_or(""), m.name.as_deref().unwrap_or(""))
+    }
+    assert_eq!(
+        names(r.virtual_services.iter().map(|o| meta(&o.metadata)).collect()),
+        ["bookinfo/reviews", "bookinfo/ratings"]
+    );
+    assert_eq!(r.virtual_services[0].spec.http[1].route[1].weight, Some(20));
+    assert_eq!(
+        r.virtual_services[1].spec.http[0].fault.as_ref().unwrap().delay.as_ref().unwrap().fixed_delay.as_deref(),
+        Some("7s")
+    );
+    assert_eq!(r.destination_rules[0].spec.subsets.len(), 2);
+    assert_eq!(r.envoy_filters[0].spec.config_patches[0].apply_to.as_deref(), Some("HTTP_FILTER"));
+    assert_eq!(r.gateways[0].spec.gateway_class_name, "weft-waypoint");
+    assert_eq!(r.http_routes[0].spec.rules[1].backend_refs[0].weight, Some(90));
+    // Every AuthorizationPolicy, L4 and waypoint-targeted alike.
+    assert_eq!(
+        names(r.authorization_policies.iter().map(|o| meta(&o.metadata)).collect()),
+        ["bookinfo/waypoint-get-only", "bookinfo/l4"]
+    );
+    // Stored in the served version the types describe.
+    assert_eq!(serde_json::to_value(&r.virtual_services[1]).unwrap()["apiVersion"], "networking.istio.io/v1");
+}
+
+#[test]
+#[rustfmt::skip]
+fn bad_routing_resources_name_file_document_object_and_field() {
+    let vs = |spec: &str| format!("{NS}---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: vs, namespace: demo}}\nspec: {spec}\n");
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("typo in a route", vs("{hosts: [a], http: [{route: [{destination: {host: a}, wieght: 1}]}]}"),
+            "mesh.yaml: document 2 (VirtualService demo/vs): spec.http[0].route[0].wieght: unknown field `wieght`"),
+        ("non-numeric weight", vs("{hosts: [a], http: [{route: [{destination: {host: a}, weight: high}]}]}"),
+            "mesh.yaml: document 2 (VirtualService demo/vs): spec.http[0].route[0].weight: invalid type: string \"high\""),
+        ("EnvoyFilter in v1", NS.to_owned() + "---\napiVersion: networking.istio.io/v1\nkind: EnvoyFilter\nmetadata: {name: ef, namespace: demo}\nspec: {}\n",
+            "mesh.yaml: document 2 (EnvoyFilter demo/ef): apiVersion: \"networking.istio.io/v1\" does not serve EnvoyFilter; use networking.istio.io/v1alpha3"),
+        ("HTTPRoute in v1alpha2", NS.to_owned() + "---\napiVersion: gateway.networking.k8s.io/v1alpha2\nkind: HTTPRoute\nmetadata: {name: r, namespace: demo}\nspec: {}\n",
+            "mesh.yaml: document 2 (HTTPRoute demo/r): apiVersion: \"gateway.networking.k8s.io/v1alpha2\" does not serve HTTPRoute; use gateway.networking.k8s.io/v1 or gateway.networking.k8s.io/v1beta1"),
+        ("bad path match type", NS.to_owned() + "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: demo}\nspec: {rules: [{matches: [{path: {type: Prefix}}]}]}\n",
+            "mesh.yaml: document 2 (HTTPRoute demo/r): spec.rules[0].matches[0].path.type: unknown variant `Prefix`"),
+        ("DestinationRule without host", NS.to_owned() + "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: dr, namespace: demo}\nspec: {subsets: []}\n",
+            "mesh.yaml: document 2 (DestinationRule demo/dr): spec: missing field `host`"),
+        ("Gateway in an undeclared namespace", "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: w, namespace: other}\nspec: {gatewayClassName: weft-waypoint}\n".to_owned(),
+            r#"mesh.yaml: document 1 (Gateway other/w): metadata.namespace: namespace "other" is not declared"#),
+        ("duplicate VirtualService", vs("{hosts: [a]}") + &vs("{hosts: [b]}")[NS.len()..],
+            "mesh.yaml: document 3 (VirtualService demo/vs): metadata.name: duplicate: VirtualService demo/vs is already defined in document 2"),
+    ];
+    for (name, yaml, want) in cases {
+        let err = parse(&yaml, "mesh.yaml", &opts()).err().unwrap_or_else(|| panic!("{name}: accepted"));
+        let msg = err.to_string();
+        assert!(msg.starts_with(want), "{name}:\n got: {msg}\nwant: {want}...");
+    }
+}

@@ -16,7 +16,7 @@ use super::{KubeOptions, Stores};
 use crate::crd::{AuthorizationPolicy, PeerAuthentication};
 use crate::discovery::file::build::{Endpoints, PodsByNamespace, describe, name_of, ns_of, service, workload};
 use crate::policy::Policies;
-use crate::state::{State, Workload};
+use crate::state::{RoutingConfig, State, Workload};
 
 /// Label an EndpointSlice carries with the name of its Service.
 pub(super) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -31,6 +31,11 @@ pub(super) struct Inputs {
     pub slices: Vec<Arc<EndpointSlice>>,
     pub authz: Vec<Arc<DynamicObject>>,
     pub peer: Vec<Arc<DynamicObject>>,
+    pub virtual_services: Vec<Arc<DynamicObject>>,
+    pub destination_rules: Vec<Arc<DynamicObject>>,
+    pub envoy_filters: Vec<Arc<DynamicObject>>,
+    pub gateways: Vec<Arc<DynamicObject>>,
+    pub http_routes: Vec<Arc<DynamicObject>>,
 }
 
 impl Inputs {
@@ -47,6 +52,11 @@ impl Inputs {
             slices: s.slices.state(),
             authz: s.authz.state(),
             peer: s.peer.state(),
+            virtual_services: s.virtual_services.state(),
+            destination_rules: s.destination_rules.state(),
+            envoy_filters: s.envoy_filters.state(),
+            gateways: s.gateways.state(),
+            http_routes: s.http_routes.state(),
         }
     }
 }
@@ -175,8 +185,23 @@ fn build(inputs: &Inputs, opts: &KubeOptions, problems: &mut Problems, policy_fi
         }
     }
 
-    let policies = policies(inputs, opts, problems, policy_fingerprint);
-    State { workloads_by_ip, services_by_vip, namespaces: inputs.namespaces.clone(), policies, routing: Default::default() }
+    let authz: Vec<AuthorizationPolicy> = typed_all(&inputs.authz, "AuthorizationPolicy", problems);
+    let policies = policies(inputs, &authz, opts, problems, policy_fingerprint);
+    let routing = RoutingConfig {
+        authorization_policies: authz,
+        virtual_services: typed_all(&inputs.virtual_services, "VirtualService", problems),
+        destination_rules: typed_all(&inputs.destination_rules, "DestinationRule", problems),
+        envoy_filters: typed_all(&inputs.envoy_filters, "EnvoyFilter", problems),
+        gateways: typed_all(&inputs.gateways, "Gateway", problems),
+        http_routes: typed_all(&inputs.http_routes, "HTTPRoute", problems),
+    };
+    State {
+        workloads_by_ip,
+        services_by_vip,
+        namespaces: inputs.namespaces.clone(),
+        policies,
+        routing: Arc::new(routing),
+    }
 }
 
 /// Pods that have or may have an IP of their own: not finished, not on the host network (those
@@ -223,9 +248,14 @@ fn from_slices<'a>(slices: &[&EndpointSlice], workloads: &HashMap<IpAddr, Arc<Wo
     Endpoints::Resolved { workloads: selected.into_values().collect(), target_ports }
 }
 
-/// Parses each policy on its own (a malformed one is left out with its field) and compiles them.
-fn policies(inputs: &Inputs, opts: &KubeOptions, problems: &mut Problems, fingerprint: &mut Option<u64>) -> Policies {
-    let authz: Vec<AuthorizationPolicy> = typed_all(&inputs.authz, "AuthorizationPolicy", problems);
+/// Parses each PeerAuthentication on its own (a malformed one is left out with its field) and compiles them.
+fn policies(
+    inputs: &Inputs,
+    authz: &[AuthorizationPolicy],
+    opts: &KubeOptions,
+    problems: &mut Problems,
+    fingerprint: &mut Option<u64>,
+) -> Policies {
     let peer: Vec<PeerAuthentication> = typed_all(&inputs.peer, "PeerAuthentication", problems);
 
     let mut h = DefaultHasher::new();
@@ -236,7 +266,7 @@ fn policies(inputs: &Inputs, opts: &KubeOptions, problems: &mut Problems, finger
     let now = h.finish();
     let unchanged = *fingerprint == Some(now);
     *fingerprint = Some(now);
-    let compile = || Policies::compile(&authz, &peer, &opts.root_namespace);
+    let compile = || Policies::compile(authz, &peer, &opts.root_namespace);
     let (policies, errors) =
         if unchanged { tracing::dispatcher::with_default(&tracing::Dispatch::none(), compile) } else { compile() };
     for e in errors {

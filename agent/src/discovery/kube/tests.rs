@@ -55,6 +55,19 @@ fn inputs(yaml: &str) -> Inputs {
                 trim::dynamic(&mut o);
                 if peer { i.peer.push(Arc::new(o)) } else { i.authz.push(Arc::new(o)) }
             }
+            "VirtualService" | "DestinationRule" | "EnvoyFilter" | "Gateway" | "HTTPRoute" => {
+                let kind = v["kind"].as_str().unwrap().to_owned();
+                let mut o: DynamicObject = serde_json::from_value(v).unwrap();
+                trim::routing(&mut o);
+                let list = match kind.as_str() {
+                    "VirtualService" => &mut i.virtual_services,
+                    "DestinationRule" => &mut i.destination_rules,
+                    "EnvoyFilter" => &mut i.envoy_filters,
+                    "Gateway" => &mut i.gateways,
+                    _ => &mut i.http_routes,
+                };
+                list.push(Arc::new(o));
+            }
             "ServiceAccount" => {}
             k => panic!("unexpected kind {k}"),
         }
@@ -267,4 +280,113 @@ fn bad_objects_are_left_out_and_the_rest_applies() {
         "{}",
         problems[2]
     );
+}
+
+const ROUTING: &str = r#"
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: demo, resourceVersion: "7", generation: 3}
+spec:
+  hosts: [web]
+  http: [{route: [{destination: {host: web, subset: v1}, weight: 80}, {destination: {host: web, subset: v2}, weight: 20}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: typo, namespace: demo}
+spec: {hosts: [web], http: [{route: [{destination: {host: web}, wieght: 1}]}]}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: demo}
+spec: {host: web, subsets: [{name: v1, labels: {version: v1}}]}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: EnvoyFilter
+metadata: {name: rl, namespace: demo}
+spec: {configPatches: [{applyTo: HTTP_FILTER, patch: {operation: ADD, value: {name: envoy.filters.http.local_ratelimit}}}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: demo}
+spec: {gatewayClassName: weft-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: demo, generation: 2}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web}]
+  rules: [{backendRefs: [{name: web, port: 80, weight: ten}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web-ok, namespace: demo, generation: 2}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web}]
+  rules: [{matches: [{path: {type: PathPrefix, value: /api}}], backendRefs: [{name: web, port: 80}]}]
+status:
+  parents: []
+"#;
+
+#[test]
+fn routing_resources_fill_the_routing_config_and_bad_ones_are_left_out() {
+    let mut builder = Builder::new(opts());
+    let state = builder.build_from(&inputs(&format!("{MESH}{ROUTING}")));
+    let r = &state.routing;
+    assert_eq!(r.authorization_policies.len(), 1, "every AuthorizationPolicy is kept for waypoints");
+    assert_eq!(r.virtual_services.len(), 1);
+    assert_eq!(r.virtual_services[0].metadata.generation, Some(3), "generation kept for route status");
+    assert_eq!(r.virtual_services[0].spec.http[0].route[1].weight, Some(20));
+    assert_eq!(r.destination_rules[0].spec.subsets[0].name, "v1");
+    assert_eq!(r.envoy_filters.len(), 1);
+    assert_eq!(r.gateways[0].spec.listeners[0].port, 15008);
+    assert_eq!(r.http_routes.len(), 1);
+    assert_eq!(r.http_routes[0].metadata.name.as_deref(), Some("web-ok"));
+    assert!(r.http_routes[0].status.is_none(), "status is not kept");
+    let mut problems: Vec<&String> = builder.problems().iter().collect();
+    problems.sort();
+    assert_eq!(problems.len(), 2, "{problems:#?}");
+    assert!(
+        problems[0].starts_with("HTTPRoute demo/web: spec.rules[0].backendRefs[0].weight: invalid type"),
+        "{}",
+        problems[0]
+    );
+    assert!(
+        problems[1].starts_with("VirtualService demo/typo: spec.http[0].route[0].wieght: unknown field"),
+        "{}",
+        problems[1]
+    );
+}
+
+#[test]
+fn same_routing_objects_give_the_file_sources_routing_config() {
+    let yaml = format!("{MESH}{ROUTING}").replace("wieght: 1", "weight: 1").replace("weight: ten", "weight: 10");
+    let file_opts = FileOptions {
+        trust_domain: "cluster.local".into(),
+        node_name: "node-a".into(),
+        root_namespace: "istio-system".into(),
+    };
+    let from_file = file::parse(&yaml, "mesh.yaml", &file_opts).expect("the file source accepts the objects");
+    let mut builder = Builder::new(opts());
+    let from_kube = builder.build_from(&inputs(&yaml));
+    assert!(builder.problems().is_empty(), "{:?}", builder.problems());
+    // Kind, namespace/name and spec of every object, in name order.
+    let specs = |s: &State| {
+        let r = &s.routing;
+        let mut all: Vec<(String, serde_json::Value)> = Vec::new();
+        let mut add = |kind: &str, v: serde_json::Value| {
+            all.push((format!("{kind} {}/{}", v["metadata"]["namespace"], v["metadata"]["name"]), v["spec"].clone()));
+        };
+        r.virtual_services.iter().for_each(|o| add("VirtualService", serde_json::to_value(o).unwrap()));
+        r.destination_rules.iter().for_each(|o| add("DestinationRule", serde_json::to_value(o).unwrap()));
+        r.envoy_filters.iter().for_each(|o| add("EnvoyFilter", serde_json::to_value(o).unwrap()));
+        r.gateways.iter().for_each(|o| add("Gateway", serde_json::to_value(o).unwrap()));
+        r.http_routes.iter().for_each(|o| add("HTTPRoute", serde_json::to_value(o).unwrap()));
+        r.authorization_policies.iter().for_each(|o| add("AuthorizationPolicy", serde_json::to_value(o).unwrap()));
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    };
+    let (f, k) = (specs(&from_file), specs(&from_kube));
+    assert_eq!(f.len(), 8, "{f:#?}");
+    assert_eq!(f, k);
 }

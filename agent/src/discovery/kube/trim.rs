@@ -90,3 +90,11 @@ pub(super) fn dynamic(o: &mut DynamicObject) {
         map.remove("status");
     }
 }
+
+/// Traffic-management resources keep their resourceVersion (problems are reported once per
+/// version) and generation (a waypoint writing route status reports the generation it saw).
+pub(super) fn routing(o: &mut DynamicObject) {
+    let generation = o.metadata.generation.take();
+    dynamic(o);
+    o.metadata.generation = generation;
+}
