@@ -325,6 +325,14 @@ impl Clusters {
         self.snapshot.store(Arc::new(next));
     }
 
+    /// The cluster for a route destination; an unknown subset gives a cluster with no endpoints.
+    /// `dialled_port` is the service port the client used, for destinations without a port
+    /// (`dest.port == 0`).
+    pub fn get(&self, dest: &super::route::Destination, dialled_port: u16) -> Arc<Cluster> {
+        let port = if dest.port == 0 { dialled_port } else { dest.port };
+        self.get_for(&dest.service, dest.subset.as_deref(), port)
+    }
+
     /// `get` by parts: the service, the DestinationRule subset name and the service port.
     pub fn get_for(&self, service: &Arc<Service>, subset: Option<&str>, port: u16) -> Arc<Cluster> {
         if let Some(b) = find(&self.snapshot.load(), &service.namespace, &service.name, subset, port) {

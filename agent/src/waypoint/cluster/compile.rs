@@ -363,3 +363,217 @@ fn outlier(o: &OutlierDetection, field: &str, errs: &mut Errors<'_>) -> Option<O
     }
     Some(p)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::state::{RoutingConfig, Service, ServicePort, USE_WAYPOINT_LABEL};
+
+    fn dr(yaml: &str) -> DestinationRule {
+        serde_yaml_ng::from_str(yaml).unwrap_or_else(|e| panic!("test YAML: {e}\n{yaml}"))
+    }
+
+    fn svc(ns: &str, name: &str, vip: &str) -> Arc<Service> {
+        Arc::new(Service {
+            name: name.into(),
+            namespace: ns.into(),
+            vips: vec![vip.parse().unwrap()],
+            ports: vec![ServicePort { name: None, port: 9080, target_port: 9080, app_protocol: None }],
+            labels: [(USE_WAYPOINT_LABEL.to_string(), "waypoint".to_string())].into(),
+            endpoints: Vec::new(),
+        })
+    }
+
+    fn state(rules: Vec<DestinationRule>) -> State {
+        let services = [svc("demo", "reviews", "10.96.0.1"), svc("demo", "ratings", "10.96.0.2"), svc("other", "reviews", "10.96.0.3")];
+        State {
+            services_by_vip: services.into_iter().map(|s| (s.vips[0], s)).collect(),
+            routing: Arc::new(RoutingConfig { destination_rules: rules, ..RoutingConfig::default() }),
+            ..State::default()
+        }
+    }
+
+    fn me() -> WaypointId {
+        WaypointId { namespace: "demo".into(), name: "waypoint".into() }
+    }
+
+    const FULL: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: demo}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+    connectionPool:
+      tcp: {maxConnections: 1, connectTimeout: 250ms}
+      http: {http1MaxPendingRequests: 1, http2MaxRequests: 10, maxRequestsPerConnection: 1, idleTimeout: 30s, h2UpgradePolicy: UPGRADE}
+    outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 3m, maxEjectionPercent: 100}
+    portLevelSettings:
+    - port: {number: 9080}
+      loadBalancer:
+        consistentHash: {httpCookie: {name: user, ttl: 0s}}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy:
+      loadBalancer: {simple: RANDOM}
+"#;
+
+    #[test]
+    fn istio_circuit_breaker_rule_compiles_with_every_field() {
+        let (rules, errors) = compile(&state(vec![dr(FULL)]), &me());
+        assert_eq!(errors, []);
+        let r = &rules["demo"]["reviews"];
+        assert_eq!(r.origin, "demo/reviews");
+        assert_eq!(r.subsets.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["v1", "v2"]);
+        assert_eq!(r.subsets[0].labels, BTreeMap::from([("version".to_string(), "v1".to_string())]));
+        let top = r.top.as_ref().unwrap();
+        let (pool, up) = top.pool.unwrap();
+        assert_eq!(pool, PoolLimits { max_requests: 10, max_connections: 1, max_pending: 1 });
+        assert_eq!(up.connect_timeout, Duration::from_millis(250));
+        assert_eq!(up.max_requests_per_connection, Some(1));
+        assert_eq!(up.idle_timeout, Duration::from_secs(30));
+        assert!(up.h2_upgrade);
+        let od = top.outlier.unwrap();
+        assert_eq!((od.consecutive_5xx, od.interval, od.base_ejection_time, od.max_ejection_percent), (1, Duration::from_secs(1), Duration::from_secs(180), 100));
+        // Port 9080 replaces every group: cookie hash, default pool, no outlier detection.
+        let p = PolicyParts::effective(Some(top), None, 9080);
+        assert!(matches!(&p.lb, LbPolicy::ConsistentHash { source: HashSource::Cookie { name, ttl: Some(t), .. }, .. } if name == "user" && t.is_zero()));
+        assert!(p.outlier.is_none());
+        let p = PolicyParts::effective(Some(top), r.subsets[1].policy.as_ref(), 80);
+        assert_eq!((p.lb, p.pool.max_connections), (LbPolicy::Random, 1));
+        // Only the service the short host names in the rule's namespace.
+        assert!(!rules.contains_key("other"));
+        assert!(!rules["demo"].contains_key("ratings"));
+    }
+
+    #[test]
+    fn bad_fields_are_reported_by_path_and_only_their_block_is_dropped() {
+        let bad = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: bad, namespace: demo}
+spec:
+  host: reviews.demo.svc.cluster.local
+  trafficPolicy:
+    loadBalancer: {simple: RANDOM, consistentHash: {useSourceIp: true}}
+    connectionPool: {http: {http2MaxRequests: -1}}
+    outlierDetection: {baseEjectionTime: soon, maxEjectionPercent: 150}
+    portLevelSettings:
+    - port: {number: 70000}
+      loadBalancer: {simple: RANDOM}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy:
+      loadBalancer: {consistentHash: {httpHeaderName: "bad header", useSourceIp: true}}
+  - name: v1
+    labels: {version: v1-again}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy:
+      connectionPool: {tcp: {connectTimeout: 1x}}
+"#;
+        let (rules, errors) = compile(&state(vec![dr(bad)]), &me());
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.trafficPolicy.loadBalancer",
+                "spec.trafficPolicy.connectionPool.http.http2MaxRequests",
+                "spec.trafficPolicy.outlierDetection.baseEjectionTime",
+                "spec.trafficPolicy.outlierDetection.maxEjectionPercent",
+                "spec.trafficPolicy.portLevelSettings[0].port.number",
+                "spec.subsets[0].trafficPolicy.loadBalancer.consistentHash.httpHeaderName",
+                "spec.subsets[1].name",
+                "spec.subsets[2].trafficPolicy.connectionPool.tcp.connectTimeout",
+            ],
+            "{errors:#?}"
+        );
+        assert!(errors.iter().all(|e| e.kind == "DestinationRule" && e.namespace == "demo" && e.name == "bad"));
+        assert!(errors[1].reason.contains("-1") && errors[1].reason.ends_with("the connectionPool block is ignored"), "{}", errors[1].reason);
+        assert!(errors[6].reason.contains("duplicate subset name \"v1\""));
+        let r = &rules["demo"]["reviews"];
+        assert_eq!(r.subsets.len(), 2, "the duplicate is left out, the rest serves");
+        assert_eq!(r.subsets[0].labels["version"], "v1");
+        let top = r.top.as_ref().unwrap();
+        assert_eq!((top.lb.clone(), top.pool, top.outlier, top.ports.len()), (None, None, None, 0));
+    }
+
+    #[test]
+    fn selection_prefers_exact_hosts_and_merges_same_host_rules() {
+        let wildcard = dr(r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: all, namespace: demo}
+spec:
+  host: "*.demo.svc.cluster.local"
+  trafficPolicy: {loadBalancer: {simple: RANDOM}}
+"#);
+        let exact = dr(r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: ratings, namespace: demo}
+spec:
+  host: ratings.demo.svc.cluster.local
+  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
+  subsets: [{name: v1, labels: {version: v1}}]
+"#);
+        let more = dr(r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: ratings-more, namespace: demo}
+spec:
+  host: ratings
+  trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}
+  subsets: [{name: v1, labels: {version: other}}, {name: v2, labels: {version: v2}}]
+"#);
+        let sidecar_only = dr(r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: sidecar, namespace: other}
+spec:
+  host: reviews
+  workloadSelector: {matchLabels: {app: x}}
+  trafficPolicy: {loadBalancer: {simple: RANDOM}}
+"#);
+        let (rules, errors) = compile(&state(vec![wildcard, more, exact, sidecar_only]), &me());
+        assert_eq!(errors, []);
+        assert_eq!(rules["demo"]["reviews"].origin, "demo/all", "wildcard covers the service without its own rule");
+        let ratings = &rules["demo"]["ratings"];
+        // Same host, same namespace, no timestamps: name order decides the first ("ratings").
+        assert_eq!(ratings.origin, "demo/ratings");
+        assert_eq!(ratings.top.as_ref().unwrap().lb, Some(LbPolicy::RoundRobin));
+        let subsets: Vec<(&str, &str)> = ratings.subsets.iter().map(|s| (s.name.as_str(), s.labels["version"].as_str())).collect();
+        assert_eq!(subsets, [("v1", "v1"), ("v2", "v2")], "v2 merged in, the second v1 ignored");
+        assert!(!rules.contains_key("other"), "workloadSelector rules are for sidecars");
+    }
+
+    #[test]
+    fn update_compiles_from_state_and_reports_errors() {
+        let bad = dr(r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: demo}
+spec:
+  host: reviews
+  trafficPolicy: {loadBalancer: {simple: PASSTHROUGH}}
+  subsets: [{name: v1, labels: {version: v1}}]
+"#);
+        let s = state(vec![bad]);
+        let clusters = super::super::Clusters::new();
+        let errors = clusters.update(&s, &me());
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].field, "spec.trafficPolicy.loadBalancer.simple");
+        assert!(errors[0].to_string().starts_with("DestinationRule demo/reviews: spec.trafficPolicy.loadBalancer.simple: PASSTHROUGH"));
+        let reviews = s.service("demo", "reviews").unwrap().clone();
+        let c = clusters.get_for(&reviews, Some("v1"), 9080);
+        assert_eq!(c.name, "outbound|9080|v1|reviews.demo.svc.cluster.local");
+        assert_eq!(c.policy().lb, LbPolicy::LeastRequest, "bad loadBalancer falls back to the default");
+    }
+}
