@@ -173,6 +173,61 @@ impl L7Policies {
     }
 }
 
+/// Istio's default path normalization for authorization (`BASE`: Envoy's `normalize_path`, RFC 3986
+/// section 6): percent-encoded unreserved characters are decoded and `.` / `..` segments removed, so
+/// `/public/%2e%2e/admin` cannot slip past a DENY on `/admin*`. The caller must forward the
+/// normalized path too, so the policy and the backend see the same resource (as Envoy does).
+/// Borrowed when nothing changes.
+pub fn normalize_path(path: &str) -> std::borrow::Cow<'_, str> {
+    let decoded = decode_unreserved(path);
+    let cleaned = remove_dot_segments(&decoded);
+    if cleaned == path { std::borrow::Cow::Borrowed(path) } else { std::borrow::Cow::Owned(cleaned) }
+}
+
+fn decode_unreserved(path: &str) -> String {
+    let b = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() && b[i + 1].is_ascii_hexdigit() && b[i + 2].is_ascii_hexdigit() {
+            let v = u8::from_str_radix(&path[i + 1..i + 3], 16).expect("two hex digits");
+            if v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~') {
+                out.push(char::from(v));
+                i += 3;
+                continue;
+            }
+        }
+        // Byte-wise copy of a UTF-8 string: push whole chars.
+        let ch = path[i..].chars().next().expect("index is on a char boundary");
+        out.push(ch);
+        i += ch.len_utf8();
+    }
+    out
+}
+
+/// RFC 3986 section 5.2.4 on an absolute path.
+fn remove_dot_segments(path: &str) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = path.split('/').collect();
+    let last = segments.len().saturating_sub(1);
+    for (i, seg) in segments.iter().enumerate() {
+        match *seg {
+            "." | ".." => {
+                if *seg == ".." && out.len() > 1 {
+                    out.pop();
+                }
+                // A trailing dot segment leaves a directory: keep the slash.
+                if i == last {
+                    out.push("");
+                }
+            }
+            s => out.push(s),
+        }
+    }
+    let joined = out.join("/");
+    if joined.starts_with('/') || !path.starts_with('/') { joined } else { format!("/{joined}") }
+}
+
 fn err(ns: &str, name: &str, field: impl Into<String>, reason: impl Into<String>) -> PolicyError {
     PolicyError {
         kind: PolicyKind::AuthorizationPolicy,
@@ -298,17 +353,15 @@ fn target(
     waypoint_name: &str,
 ) -> Result<Option<Target>, PolicyError> {
     let root = ns == root_ns;
-    if let Some(ref_ns) = r.namespace.as_deref().filter(|n| *n != ns) {
-        if !root {
-            return Err(err(
-                ns,
-                name,
-                format!("{path}.namespace"),
-                format!(
-                    "{ref_ns:?}: a policy can only target resources in its own namespace ({ns}) unless it is in the root namespace"
-                ),
-            ));
-        }
+    if let Some(ref_ns) = r.namespace.as_deref().filter(|n| *n != ns && !root) {
+        return Err(err(
+            ns,
+            name,
+            format!("{path}.namespace"),
+            format!(
+                "{ref_ns:?}: a policy can only target resources in its own namespace ({ns}) unless it is in the root namespace"
+            ),
+        ));
     }
     // For a root-namespace policy, an unset namespace means "any namespace".
     let ref_ns = r.namespace.as_deref().or((!root).then_some(ns));

@@ -242,6 +242,9 @@ pub(super) fn rule_matches(rule: &CompiledRule, a: &Attrs<'_>) -> bool {
 /// Collects what the policy uses that the waypoint cannot evaluate, for one warning per policy.
 pub(super) type Unsupported = Vec<String>;
 
+/// Turns one value of a field into its test.
+type Lower<'a> = dyn Fn(&str) -> Result<Test, String> + 'a;
+
 /// Lowers one field. The values were validated (non-empty, parseable) by the shared webhook-style
 /// check in `policy::authz`, but lowering re-checks so an error here still names the field.
 fn field(
@@ -304,7 +307,7 @@ fn principal(v: &str) -> Result<Test, String> {
 pub(super) fn source(s: &Source, policy_ns: &str, unsupported: &mut Unsupported) -> Result<Entry, (String, String)> {
     let mut e = Entry::new();
     let strm = |ctor: fn(StrMatch) -> Test| move |v: &str| Ok(ctor(StrMatch::parse(v)));
-    let fields: [(&str, &Vec<String>, bool, &dyn Fn(&str) -> Result<Test, String>); 14] = [
+    let fields: [(&str, &Vec<String>, bool, &Lower<'_>); 14] = [
         ("principals", &s.principals, false, &principal),
         ("notPrincipals", &s.not_principals, true, &principal),
         ("requestPrincipals", &s.request_principals, false, &|_| Ok(Test::Absent)),
@@ -336,7 +339,7 @@ pub(super) fn operation(op: &Operation) -> Result<Entry, (String, String)> {
     let mut e = Entry::new();
     let method = |v: &str| Ok(Test::Method(StrMatch::parse(v)));
     let path = |v: &str| PathMatch::parse(v).map(Test::Path);
-    let fields: [(&str, &Vec<String>, bool, &dyn Fn(&str) -> Result<Test, String>); 8] = [
+    let fields: [(&str, &Vec<String>, bool, &Lower<'_>); 8] = [
         ("hosts", &op.hosts, false, &host),
         ("notHosts", &op.not_hosts, true, &host),
         ("ports", &op.ports, false, &port),
@@ -359,7 +362,7 @@ pub(super) fn condition(
     unsupported: &mut Unsupported,
 ) -> Result<Entry, (String, String)> {
     let key = c.key.as_str();
-    let f: Box<dyn Fn(&str) -> Result<Test, String>> = match key {
+    let f: Box<Lower<'_>> = match key {
         "source.ip" | "remote.ip" => Box::new(ip),
         "source.namespace" => Box::new(|v| Ok(Test::Namespace(StrMatch::parse(v)))),
         "source.principal" => Box::new(principal),
