@@ -251,6 +251,8 @@ fn builtin_resources() -> BTreeMap<(String, String), Vec<&'static str>> {
     }
     // A review is a create-only virtual resource.
     m.insert(r::<TokenReview>(), vec!["create"]);
+    // The one subresource a role may name: waypoints report whether they accepted each route.
+    m.insert(("gateway.networking.k8s.io".to_owned(), "httproutes/status".to_owned()), vec!["get", "patch", "update"]);
     // CRDs weft reads but does not install (their plurals as Istio and Gateway API define them).
     for (g, res) in [
         ("networking.istio.io", "virtualservices"),
@@ -283,7 +285,10 @@ fn grants(scope: &str, rules: &[PolicyRule], known: &BTreeMap<(String, String), 
         };
         for g in groups {
             for res in resources {
-                assert!(g != "*" && res != "*" && !res.contains('/'), "{rule:?}: no wildcards or subresources");
+                assert!(
+                    g != "*" && res != "*" && (!res.contains('/') || res == "httproutes/status"),
+                    "{rule:?}: no wildcards or subresources (but HTTPRoute status)"
+                );
                 let verbs = known
                     .get(&(g.clone(), res.clone()))
                     .unwrap_or_else(|| panic!("{g:?}/{res}: not a resource this test knows exists (typo?)"));
@@ -371,6 +376,7 @@ fn rbac_is_exactly_what_each_component_needs() {
         ("security.istio.io", "peerauthentications"),
         ("networking.istio.io", "virtualservices"),
         ("networking.istio.io", "destinationrules"),
+        ("networking.istio.io", "envoyfilters"),
         ("gateway.networking.k8s.io", "gateways"),
         ("gateway.networking.k8s.io", "httproutes"),
         ("gateway.networking.k8s.io", "grpcroutes"),
@@ -382,6 +388,17 @@ fn rbac_is_exactly_what_each_component_needs() {
     node.insert(grant("cluster", "events.k8s.io", "events", "create", None));
     node.insert(grant("cluster", "events.k8s.io", "events", "patch", None));
     assert_eq!(perms["weft-system/weft-node"], node, "weft-node");
+
+    // Waypoints read what node agents read and write HTTPRoute status. The ClusterRole is bound per
+    // waypoint ServiceAccount by `weft ctl waypoint apply`, not in the install.
+    let docs = manifests();
+    let role: ClusterRole = serde_json::from_value(find(&docs, "ClusterRole", "weft-waypoint").clone()).unwrap();
+    let mut waypoint: BTreeSet<Grant> =
+        grants("cluster", &role.rules.unwrap_or_default(), &builtin_resources()).into_iter().collect();
+    for v in ["get", "patch", "update"] {
+        assert!(waypoint.remove(&grant("cluster", "gateway.networking.k8s.io", "httproutes/status", v, None)), "{v}");
+    }
+    assert_eq!(waypoint, node, "weft-waypoint: the node agent's reads besides route status");
 
     // ca_server::kube (TokenReview, pods by name and by node) and ca_server::root (the root Secret,
     // the root-certificate ConfigMap by server-side apply).
@@ -406,7 +423,16 @@ fn rbac_is_exactly_what_each_component_needs() {
 fn crds_parse_are_structural_and_served_as_istio_serves_them() {
     let files = crd_files();
     let names: Vec<&str> = files.iter().map(|f| f.rsplit('/').next().unwrap()).collect();
-    assert_eq!(names, ["authorizationpolicies.security.istio.io.yaml", "peerauthentications.security.istio.io.yaml"]);
+    assert_eq!(
+        names,
+        [
+            "authorizationpolicies.security.istio.io.yaml",
+            "destinationrules.networking.istio.io.yaml",
+            "envoyfilters.networking.istio.io.yaml",
+            "peerauthentications.security.istio.io.yaml",
+            "virtualservices.networking.istio.io.yaml",
+        ]
+    );
     for f in &files {
         let all = docs(f);
         assert_eq!(all.len(), 1, "{f}: one CRD per file");
@@ -414,13 +440,18 @@ fn crds_parse_are_structural_and_served_as_istio_serves_them() {
         let crd: CustomResourceDefinition = serde_json::from_value(all[0].clone()).unwrap();
         let spec = &crd.spec;
         assert_eq!(crd.metadata.name.as_deref(), Some(format!("{}.{}", spec.names.plural, spec.group).as_str()), "{f}");
-        assert_eq!(spec.group, "security.istio.io", "{f}");
+        assert!(["security.istio.io", "networking.istio.io"].contains(&spec.group.as_str()), "{f}");
         assert_eq!(spec.scope, "Namespaced", "{f}");
         assert!(spec.preserve_unknown_fields != Some(true), "{f}: preserveUnknownFields is not allowed in v1");
         assert!(spec.conversion.is_none(), "{f}: versions share a schema: no conversion webhook");
         let versions: Vec<(&str, bool, bool)> =
             spec.versions.iter().map(|v| (v.name.as_str(), v.served, v.storage)).collect();
-        assert_eq!(versions, [("v1", true, true), ("v1beta1", true, false)], "{f}");
+        let want: &[(&str, bool, bool)] = match (spec.group.as_str(), spec.names.kind.as_str()) {
+            ("security.istio.io", _) => &[("v1", true, true), ("v1beta1", true, false)],
+            (_, "EnvoyFilter") => &[("v1alpha3", true, true)],
+            _ => &[("v1", true, true), ("v1beta1", true, false), ("v1alpha3", true, false)],
+        };
+        assert_eq!(versions, want, "{f}");
         for v in &spec.versions {
             assert_eq!(v.schema, spec.versions[0].schema, "{f}: {} has another schema than v1", v.name);
             for c in v.additional_printer_columns.iter().flatten() {

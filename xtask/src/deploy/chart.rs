@@ -73,7 +73,7 @@ fn chart_yaml() -> Result<String> {
         ("name", "weft".into()),
         (
             "description",
-            "weft, a sidecarless service mesh (Istio ambient compatible): node agent DaemonSet, CA, RBAC and the security.istio.io CRDs"
+            "weft, a sidecarless service mesh (Istio ambient compatible): node agent DaemonSet, CA, RBAC (also for waypoints) and the security.istio.io and networking.istio.io CRDs; install the Gateway API CRDs separately"
                 .into(),
         ),
         ("type", "application".into()),

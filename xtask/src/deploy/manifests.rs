@@ -34,6 +34,8 @@ use weft::{ca_server, config};
 pub const NAMESPACE: &str = ca_server::DEFAULT_NAMESPACE;
 pub const NODE: &str = "weft-node";
 pub const CA: &str = "weft-ca";
+/// The ClusterRole every waypoint's ServiceAccount is bound to.
+pub const WAYPOINT: &str = "weft-waypoint";
 /// The binary's path in the image (deploy/Dockerfile).
 pub const BINARY: &str = "/usr/local/bin/weft";
 /// Where host directories appear inside the node agent's containers when their own path is taken
@@ -136,6 +138,7 @@ pub fn objects(v: &Values) -> Result<Vec<Doc>> {
         doc("ca.yaml", &ca_role_binding())?,
         doc("ca.yaml", &ca_deployment(v, &w))?,
         doc("ca.yaml", &ca_service(&w))?,
+        doc("waypoint.yaml", &waypoint_cluster_role())?,
     ])
 }
 
@@ -268,12 +271,25 @@ fn node_cluster_role() -> ClusterRole {
             rule("", &["pods", "namespaces", "services"], &READ),
             rule("discovery.k8s.io", &["endpointslices"], &READ),
             rule("security.istio.io", &["authorizationpolicies", "peerauthentications"], &READ),
-            rule("networking.istio.io", &["virtualservices", "destinationrules"], &READ),
+            rule("networking.istio.io", &["virtualservices", "destinationrules", "envoyfilters"], &READ),
             rule("gateway.networking.k8s.io", &["gateways", "httproutes", "grpcroutes"], &READ),
             rule("events.k8s.io", &["events"], &["create", "patch"]),
         ]),
         ..Default::default()
     }
+}
+
+/// What a waypoint (`weft waypoint`) reads to route and authorize (the node agent's discovery
+/// reads), plus writing HTTPRoute status (whether it accepted each route) and Events. Not bound
+/// here: `weft ctl waypoint apply` (or the chart's waypoint values) binds it to each waypoint's own
+/// ServiceAccount, so the waypoint's certificate and permissions belong to that namespace.
+fn waypoint_cluster_role() -> ClusterRole {
+    let mut rules = node_cluster_role().rules.unwrap_or_default();
+    rules.insert(
+        rules.len() - 1,
+        rule("gateway.networking.k8s.io", &["httproutes/status"], &["get", "patch", "update"]),
+    );
+    ClusterRole { metadata: meta(WAYPOINT, false, "waypoint"), rules: Some(rules), ..Default::default() }
 }
 
 /// What `weft ca` calls cluster-wide (ca_server::kube): TokenReview for callers, and the pods a

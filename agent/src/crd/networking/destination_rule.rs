@@ -203,9 +203,12 @@ pub struct HttpSettings {
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum H2UpgradePolicy {
+    /// The mesh-wide default (no upgrade unless configured mesh-wide).
     #[default]
     Default,
+    /// Keep HTTP/1.1 towards the upstream.
     DoNotUpgrade,
+    /// Speak HTTP/2 to the upstream even when the client spoke HTTP/1.1.
     Upgrade,
 }
 
