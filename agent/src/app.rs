@@ -153,6 +153,86 @@ pub async fn run_node(config: Arc<Config>) -> Result<(), Error> {
     Ok(())
 }
 
+/// `weft waypoint`: the L7 proxy for Gateway `namespace/name`. Same sources, CA modes, admin ports,
+/// signals and drain as `weft node`; runs until SIGTERM or SIGINT.
+pub async fn run_waypoint(config: Arc<crate::config::WaypointConfig>) -> Result<(), Error> {
+    use crate::waypoint::{Options, Waypoint, WaypointId};
+    let base = &config.base;
+    let drain = Drain::new();
+    let store = Arc::new(StateStore::new(State::default()));
+    let (synced_tx, mut synced) = watch::channel(false);
+    match &base.source {
+        Source::File(path) => {
+            let opts = FileOptions {
+                trust_domain: base.trust_domain.clone(),
+                node_name: base.node_name.clone(),
+                root_namespace: base.root_namespace.clone(),
+            };
+            store.replace(file::load(path, &opts)?);
+            synced_tx.send_replace(true);
+            tokio::spawn(file::watch(path.clone(), opts, store.clone(), drain.signaled_owned()));
+        }
+        Source::Kube { kubeconfig } => {
+            // The kube source watches every namespace; the node name only selects pods to capture,
+            // which a waypoint does not do.
+            let client = kube::client(kubeconfig.as_deref()).await?;
+            let opts = KubeOptions {
+                trust_domain: base.trust_domain.clone(),
+                node_name: base.node_name.clone(),
+                root_namespace: base.root_namespace.clone(),
+            };
+            tokio::spawn(kube::run(client, opts, store.clone(), synced_tx, drain.signaled_owned()));
+        }
+    }
+    let certs = cert_manager(base)?;
+    let identity = crate::identity::Identity::new(&base.trust_domain, &config.namespace, &config.service_account);
+    let me = WaypointId { namespace: config.namespace.clone(), name: config.name.clone() };
+    let waypoint = Waypoint::new(Options {
+        me: me.clone(),
+        identity: identity.clone(),
+        root_namespace: base.root_namespace.clone(),
+        certs: certs.clone(),
+        state: store.clone(),
+    });
+    tokio::spawn(waypoint.clone().watch(drain.clone()));
+
+    let bind = |addr: SocketAddr| async move {
+        TcpListener::bind(addr).await.map_err(|source| Error::Listen { addr, source })
+    };
+    drain.spawn(waypoint.clone().serve_hbone(bind(config.hbone_addr).await?, drain.clone()));
+    if let Some(addr) = config.http_listen {
+        drain.spawn(waypoint.clone().serve_http(bind(addr).await?, drain.clone()));
+    }
+    for addr in [base.metrics_addr, base.ready_addr, base.admin_addr] {
+        tokio::spawn(waypoint.clone().serve_admin(bind(addr).await?, drain.clone()));
+    }
+    tracing::info!(waypoint = %me, %identity, hbone = %config.hbone_addr, http = ?config.http_listen, "waypoint listening");
+
+    let mut term = signal(SignalKind::terminate()).map_err(Error::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
+    tokio::select! {
+        _ = term.recv() => return Ok(()),
+        _ = int.recv() => return Ok(()),
+        _ = synced.wait_for(|s| *s) => {}
+    }
+    // The first snapshot is in: compile it now rather than wait for the next change.
+    waypoint.rebuild();
+    // A certificate before readiness: the first tunnel should not wait for the CA.
+    if let Err(e) = certs.fetch(&identity).await {
+        tracing::warn!(%identity, error = %e, "no waypoint certificate yet; HBONE handshakes will retry it");
+    }
+    waypoint.ready.store(true, Ordering::Release);
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!(timeout = ?base.drain_timeout, "draining");
+    waypoint.ready.store(false, Ordering::Release);
+    let left = drain.drain_and_wait(base.drain_timeout).await;
+    tracing::info!(connections_cut = left, "stopped");
+    Ok(())
+}
+
 /// Local mode: the in-process CA. Cluster mode: `weft ca` over gRPC, trusted through the mesh root.
 fn cert_manager(config: &Config) -> Result<Arc<CertManager>, Error> {
     let (signer, roots): (Arc<dyn CertificateSigner>, _) = match &config.ca {

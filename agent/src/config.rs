@@ -305,7 +305,9 @@ pub enum WaypointConfigError {
 }
 
 fn k8s_name_ok(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 253 && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+    !s.is_empty()
+        && s.len() <= 253
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
 }
 
 impl WaypointConfig {
@@ -430,7 +432,20 @@ mod tests {
         .to_string();
         assert!(e.contains("--namespace"), "{e}");
         let c = WaypointConfig::from_args(
-            WpCli::parse_from(["weft", "--kubeconfig", "/k", "--namespace", "demo", "--name", "wp", "--service-account", "sa1", "--http-listen", "127.0.0.1:8080"]).wp,
+            WpCli::parse_from([
+                "weft",
+                "--kubeconfig",
+                "/k",
+                "--namespace",
+                "demo",
+                "--name",
+                "wp",
+                "--service-account",
+                "sa1",
+                "--http-listen",
+                "127.0.0.1:8080",
+            ])
+            .wp,
         )
         .unwrap();
         assert_eq!(c.service_account, "sa1");

@@ -19,6 +19,9 @@ struct Cli {
 enum Command {
     /// The per-node agent: eBPF redirect, in-pod listeners, HBONE mTLS tunnel, L4 policy.
     Node(NodeArgs),
+    /// The L7 waypoint proxy for one Gateway (Istio's waypoint): HBONE on 15008, VirtualService /
+    /// HTTPRoute routing, DestinationRule policy, L7 AuthorizationPolicy, local rate limits.
+    Waypoint(weft::config::WaypointArgs),
     /// The mesh certificate authority: Istio's IstioCertificateService on 15012, callers
     /// authenticated by TokenReview, node agents limited to the pods of their own node.
     Ca(weft::ca_server::CaArgs),
@@ -30,6 +33,8 @@ enum Command {
     },
     /// Detaches weft's eBPF programs and removes their pins: enrolled pods stop being redirected
     /// (and stop failing closed). Run it after removing the agent for good.
+    /// Operator commands against a cluster, e.g. `weft ctl waypoint apply -n NS` (as `istioctl waypoint apply`).
+    Ctl(weft::ctl::CtlArgs),
     Uninstall {
         #[arg(long, default_value = weft::config::DEFAULT_PIN_DIR)]
         bpf_pin_dir: std::path::PathBuf,
@@ -131,6 +136,20 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Cni { action } => cni(action),
+        Command::Ctl(args) => {
+            init_logging(LogFormat::Text);
+            let rt = match runtime(1) {
+                Ok(rt) => rt,
+                Err(code) => return code,
+            };
+            match rt.block_on(weft::ctl::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("weft ctl: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Uninstall { bpf_pin_dir, cgroup } => {
             let opts = weft::redirect::Options { pin_dir: bpf_pin_dir, cgroup, ..Default::default() };
             match weft::redirect::Redirect::remove_all(&opts) {
@@ -159,6 +178,28 @@ fn main() -> ExitCode {
                 Err(e) => {
                     tracing::error!(error = %e, "weft ca failed");
                     eprintln!("weft ca: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Waypoint(args) => {
+            let config = match weft::config::WaypointConfig::from_args(args) {
+                Ok(c) => Arc::new(c),
+                Err(e) => {
+                    eprintln!("weft waypoint: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logging(config.base.log_format);
+            let rt = match runtime(config.base.worker_threads) {
+                Ok(rt) => rt,
+                Err(code) => return code,
+            };
+            match rt.block_on(weft::app::run_waypoint(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "weft waypoint failed");
+                    eprintln!("weft waypoint: {e}");
                     ExitCode::FAILURE
                 }
             }

@@ -467,7 +467,8 @@ mod tests {
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(H2Io::new(send, recv))).await.unwrap();
         tokio::spawn(conn);
         for i in 0..3 {
-            let req = http::Request::post("/").header("host", "x").body(Full::new(Bytes::from(format!("n{i}")))).unwrap();
+            let req =
+                http::Request::post("/").header("host", "x").body(Full::new(Bytes::from(format!("n{i}")))).unwrap();
             let resp = client.send_request(req).await.unwrap();
             assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), format!("got n{i}").as_bytes());
         }

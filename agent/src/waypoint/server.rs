@@ -44,7 +44,11 @@ pub struct Downstream {
 
 /// One request to answer; the server never fails a request itself once it reached the handler.
 pub trait Handler: Send + Sync + 'static {
-    fn handle(&self, downstream: Downstream, req: http::Request<Incoming>) -> BoxFuture<'static, http::Response<Body>>;
+    fn handle(
+        self: Arc<Self>,
+        downstream: Downstream,
+        req: http::Request<Incoming>,
+    ) -> BoxFuture<'static, http::Response<Body>>;
 }
 
 /// What the listeners need to know about the waypoint they serve.
@@ -199,7 +203,7 @@ async fn tunnel(
     let io = TokioIo::new(H2Io::new(send, req.into_body()));
     let handler = l.handler.clone();
     let svc = hyper::service::service_fn(move |req| {
-        let fut = handler.handle(downstream.clone(), req);
+        let fut = handler.clone().handle(downstream.clone(), req);
         async move { Ok::<_, Infallible>(fut.await) }
     });
     serve_http(io, svc, &drain).await;
@@ -255,7 +259,9 @@ pub async fn serve_plain(listener: TcpListener, l: Arc<Listeners>, drain: Drain)
                 .unwrap_or_default();
             let found = l2.service_for_host(&l2.state.load(), &host);
             let fut = match found {
-                Some((service, port)) => Some(l2.handler.handle(Downstream { peer, identity: None, service, port }, req)),
+                Some((service, port)) => {
+                    Some(l2.handler.clone().handle(Downstream { peer, identity: None, service, port }, req))
+                }
                 None => None,
             };
             async move {
@@ -270,5 +276,34 @@ pub async fn serve_plain(listener: TcpListener, l: Arc<Listeners>, drain: Drain)
         });
         let drain2 = drain.clone();
         drain.spawn(async move { serve_http(TokioIo::new(tcp), svc, &drain2).await });
+    }
+}
+
+/// Answers one admin path (`/metrics`, `/healthz/ready`, `/config_dump`).
+pub type AdminRoutes = Arc<dyn Fn(&str) -> http::Response<http_body_util::Full<Bytes>> + Send + Sync>;
+
+/// The waypoint's metrics (15020), readiness (15021) and admin (15000) endpoints on `listener`
+/// (HTTP/1.1), until `drain` is signaled.
+pub async fn serve_admin(listener: TcpListener, routes: AdminRoutes, drain: Drain) {
+    loop {
+        let tcp = tokio::select! {
+            _ = drain.signaled() => return,
+            r = listener.accept() => match r {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let routes = routes.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                let resp = routes(req.uri().path());
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
+        });
     }
 }

@@ -16,8 +16,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use hyper::body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
+use hyper::body::{Body as _, Frame, SizeHint};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
@@ -128,11 +128,8 @@ impl Upstream {
 
     /// Sends `req` (origin-form URI, `Host`/`:authority` already as the endpoint should see it).
     pub async fn send(&self, t: &Target, req: http::Request<Body>) -> Result<http::Response<ResponseBody>, Failure> {
-        let key = Key {
-            addr: t.addr,
-            protocol: t.protocol,
-            hbone: t.workload.captured.then(|| t.workload.identity.clone()),
-        };
+        let key =
+            Key { addr: t.addr, protocol: t.protocol, hbone: t.workload.captured.then(|| t.workload.identity.clone()) };
         match t.protocol {
             Protocol::Http1 => self.send_h1(t, key, req).await,
             Protocol::Http2 => self.send_h2(t, key, req).await,
@@ -200,12 +197,18 @@ impl Upstream {
         Ok(sender)
     }
 
-    async fn send_h2(&self, t: &Target, key: Key, req: http::Request<Body>) -> Result<http::Response<ResponseBody>, Failure> {
+    async fn send_h2(
+        &self,
+        t: &Target,
+        key: Key,
+        req: http::Request<Body>,
+    ) -> Result<http::Response<ResponseBody>, Failure> {
         let pooled = {
             let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
             match conns.h2.get_mut(&key) {
-                Some(c) if !c.sender.is_closed()
-                    && (t.max_requests_per_connection == 0 || c.used < t.max_requests_per_connection) =>
+                Some(c)
+                    if !c.sender.is_closed()
+                        && (t.max_requests_per_connection == 0 || c.used < t.max_requests_per_connection) =>
                 {
                     c.used += 1;
                     c.since = Instant::now();
@@ -277,7 +280,11 @@ impl Upstream {
             .unwrap_or_else(|_| Err(fail(format!("connect timeout ({:?})", t.connect_timeout))))
     }
 
-    async fn hbone_connect(&self, node: SocketAddr, expected: &Identity) -> Result<h2::client::SendRequest<Bytes>, String> {
+    async fn hbone_connect(
+        &self,
+        node: SocketAddr,
+        expected: &Identity,
+    ) -> Result<h2::client::SendRequest<Bytes>, String> {
         let cert = self.certs.fetch(&self.identity).await.map_err(|e| format!("waypoint certificate: {e}"))?;
         let tcp = TcpStream::connect(node).await.map_err(|e| format!("connect: {e}"))?;
         let _ = tcp.set_nodelay(true);
