@@ -72,7 +72,10 @@ pub enum Action {
     /// Weighted destinations; weights sum to more than 0 (a weight of 0 is never picked).
     Forward(Vec<WeightedDestination>),
     Redirect(Redirect),
-    DirectResponse { status: http::StatusCode, body: bytes::Bytes },
+    DirectResponse {
+        status: http::StatusCode,
+        body: bytes::Bytes,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -160,7 +163,7 @@ pub enum RouteSource {
 }
 
 #[derive(Debug, Clone)]
-struct ServiceRoutes {
+pub(crate) struct ServiceRoutes {
     source: RouteSource,
     entries: Vec<Entry>,
 }
@@ -170,7 +173,8 @@ type ServiceKey = (String, String);
 /// The compiled routes of every service a waypoint serves.
 #[derive(Debug, Default, Clone)]
 pub struct RouteTable {
-    services: HashMap<ServiceKey, ServiceRoutes>,
+    /// namespace → name → routes (nested so a lookup borrows the request's strings).
+    services: HashMap<String, HashMap<String, ServiceRoutes>>,
 }
 
 impl RouteTable {
@@ -191,15 +195,15 @@ impl RouteTable {
                 if istio::has_virtual_service(state, svc) {
                     tracing::info!(service = %svc.hostname(), "HTTPRoute and VirtualService both name this service; the HTTPRoute is used");
                 }
-                table.services.insert(key.clone(), ServiceRoutes { source: RouteSource::HttpRoute, entries });
+                table.insert(key.clone(), ServiceRoutes { source: RouteSource::HttpRoute, entries });
                 continue;
             }
             if let Some(entries) = vs_cache.entries_for(&ctx, svc, &mut errors) {
-                table.services.insert(key.clone(), ServiceRoutes { source: RouteSource::VirtualService, entries });
+                table.insert(key.clone(), ServiceRoutes { source: RouteSource::VirtualService, entries });
                 continue;
             }
             let entry = Entry { m: RequestMatch::default(), route: Arc::new(Route::default_for(svc)) };
-            table.services.insert(key.clone(), ServiceRoutes { source: RouteSource::Default, entries: vec![entry] });
+            table.insert(key.clone(), ServiceRoutes { source: RouteSource::Default, entries: vec![entry] });
         }
         for e in &errors {
             tracing::warn!(kind = e.kind, namespace = %e.namespace, name = %e.name, field = %e.field, reason = %e.reason, "routing configuration left out");
@@ -209,26 +213,32 @@ impl RouteTable {
 
     /// First matching rule; `None` = no route (the handler answers 404, flag NR).
     pub fn route(&self, req: &RequestInfo<'_>) -> Option<Arc<Route>> {
-        let routes = self.services.get(&(req.service.namespace.clone(), req.service.name.clone()))?;
+        let routes = self.get(&req.service.namespace, &req.service.name)?;
         routes.entries.iter().find(|e| e.m.matches(req)).map(|e| e.route.clone())
+    }
+
+    fn get(&self, namespace: &str, name: &str) -> Option<&ServiceRoutes> {
+        self.services.get(namespace)?.get(name)
+    }
+
+    fn insert(&mut self, (namespace, name): ServiceKey, routes: ServiceRoutes) {
+        self.services.entry(namespace).or_default().insert(name, routes);
     }
 
     /// Whether `namespace/name` is served here, and by what kind of configuration.
     pub fn source(&self, namespace: &str, name: &str) -> Option<RouteSource> {
-        self.services.get(&(namespace.to_owned(), name.to_owned())).map(|r| r.source)
+        self.get(namespace, name).map(|r| r.source)
     }
 
     /// The routes of one service in match order (config dump, destinations a cluster manager needs).
     pub fn routes(&self, namespace: &str, name: &str) -> Vec<Arc<Route>> {
-        self.services
-            .get(&(namespace.to_owned(), name.to_owned()))
-            .map(|r| r.entries.iter().map(|e| e.route.clone()).collect())
-            .unwrap_or_default()
+        self.get(namespace, name).map(|r| r.entries.iter().map(|e| e.route.clone()).collect()).unwrap_or_default()
     }
 
     /// `(namespace, name)` of every service served, sorted.
     pub fn services(&self) -> Vec<(String, String)> {
-        let mut v: Vec<_> = self.services.keys().cloned().collect();
+        let mut v: Vec<_> =
+            self.services.iter().flat_map(|(ns, names)| names.keys().map(|n| (ns.clone(), n.clone()))).collect();
         v.sort();
         v
     }

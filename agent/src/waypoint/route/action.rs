@@ -12,8 +12,8 @@ use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, StatusCode, Uri};
 use regex::Regex;
 
-use super::matcher::{StringMatcher, segment_prefix_len, split_path};
 use super::Destination;
+use super::matcher::{StringMatcher, segment_prefix_len, split_path};
 use crate::waypoint::Outcome;
 
 /// Header edits of one level (route, or one weighted destination). Applied as Envoy does:
@@ -50,8 +50,9 @@ impl HeaderOps {
     ) -> Result<HeaderOps, (String, String)> {
         let pair = |op: &str, k: &str, v: &str| -> Result<(HeaderName, HeaderValue), (String, String)> {
             let name = header_name(k).map_err(|r| (format!("{op}.{k}"), r))?;
-            let value = HeaderValue::from_str(v)
-                .map_err(|_| (format!("{op}.{k}"), format!("{v:?} is not a valid header value (visible ASCII only)")))?;
+            let value = HeaderValue::from_str(v).map_err(|_| {
+                (format!("{op}.{k}"), format!("{v:?} is not a valid header value (visible ASCII only)"))
+            })?;
             Ok((name, value))
         };
         let mut ops = HeaderOps::default();
@@ -563,7 +564,13 @@ mod tests {
 
     #[test]
     fn redirects() {
-        let r = Redirect { scheme: None, host: None, port: RedirectPort::Keep, path: None, status: StatusCode::MOVED_PERMANENTLY };
+        let r = Redirect {
+            scheme: None,
+            host: None,
+            port: RedirectPort::Keep,
+            path: None,
+            status: StatusCode::MOVED_PERMANENTLY,
+        };
         let resp = r.response(&parts("/a?b=1", "reviews:9080"));
         assert_eq!(resp.status(), 301);
         assert_eq!(resp.headers()["location"], "http://reviews:9080/a?b=1");

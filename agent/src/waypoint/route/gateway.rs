@@ -106,7 +106,11 @@ pub(super) fn compile_all(
 }
 
 /// The served services (and parentRef port, if any) `route` attaches to.
-fn attachments(route: &HTTPRoute, me: &WaypointId, served: &BTreeMap<ServiceKey, Arc<Service>>) -> Vec<(ServiceKey, Option<u16>)> {
+fn attachments(
+    route: &HTTPRoute,
+    me: &WaypointId,
+    served: &BTreeMap<ServiceKey, Arc<Service>>,
+) -> Vec<(ServiceKey, Option<u16>)> {
     let ns = ns_of(route);
     let mut out = Vec::new();
     for p in &route.spec.parent_refs {
@@ -123,7 +127,8 @@ fn attachments(route: &HTTPRoute, me: &WaypointId, served: &BTreeMap<ServiceKey,
             }
             ("Gateway", GATEWAY_GROUP) if p.name == me.name && pns == me.namespace => {
                 for (key, svc) in served {
-                    if route.spec.hostnames.is_empty() || route.spec.hostnames.iter().any(|h| hostname_matches(h, svc)) {
+                    if route.spec.hostnames.is_empty() || route.spec.hostnames.iter().any(|h| hostname_matches(h, svc))
+                    {
                         out.push((key.clone(), port));
                     }
                 }
@@ -233,7 +238,9 @@ fn compile_rule(
                     base.mirrors.extend(mirror(ctx, ns, m, &format!("{field}.requestMirror"), e));
                 }
             }
-            other => e.push(format!("{field}.type"), format!("filter {other:?} is not supported by the waypoint; remove it")),
+            other => {
+                e.push(format!("{field}.type"), format!("filter {other:?} is not supported by the waypoint; remove it"))
+            }
         }
     }
     if redirect.is_some() && url_rewrite.is_some() {
@@ -262,10 +269,15 @@ fn compile_rule(
         let field = format!(".matches[{j}]");
         let compiled = request_match(&m, &field, e);
         let mut route = base.clone();
-        let prefix = m.path.as_ref().filter(|p| p.r#type == PathMatchType::PathPrefix).map(|p| p.value.clone().unwrap_or_else(|| "/".into()));
+        let prefix = m
+            .path
+            .as_ref()
+            .filter(|p| p.r#type == PathMatchType::PathPrefix)
+            .map(|p| p.value.clone().unwrap_or_else(|| "/".into()));
         if let Some((r, path)) = &redirect {
             let mut r = r.clone();
-            r.path = path.as_ref().and_then(|p| path_modifier(p, prefix.as_deref(), ".filters.requestRedirect.path", e));
+            r.path =
+                path.as_ref().and_then(|p| path_modifier(p, prefix.as_deref(), ".filters.requestRedirect.path", e));
             route.action = Action::Redirect(r);
         }
         if let Some(rw) = url_rewrite {
@@ -305,7 +317,9 @@ fn request_match(m: &HTTPRouteMatch, field: &str, e: &mut RuleErrors<'_>) -> Req
         }
         let matcher = match h.r#type {
             HeaderMatchType::Exact => Some(StringMatcher::Exact(h.value.clone())),
-            HeaderMatchType::RegularExpression => regex(&h.value, format!("{field}.headers[{k}].value"), e).map(StringMatcher::Regex),
+            HeaderMatchType::RegularExpression => {
+                regex(&h.value, format!("{field}.headers[{k}].value"), e).map(StringMatcher::Regex)
+            }
         };
         if let Some(matcher) = matcher {
             out.headers.push(HeaderMatcher { name, matcher, invert: false });
@@ -314,7 +328,9 @@ fn request_match(m: &HTTPRouteMatch, field: &str, e: &mut RuleErrors<'_>) -> Req
     for (k, q) in m.query_params.iter().enumerate() {
         let matcher = match q.r#type {
             HeaderMatchType::Exact => Some(StringMatcher::Exact(q.value.clone())),
-            HeaderMatchType::RegularExpression => regex(&q.value, format!("{field}.queryParams[{k}].value"), e).map(StringMatcher::Regex),
+            HeaderMatchType::RegularExpression => {
+                regex(&q.value, format!("{field}.queryParams[{k}].value"), e).map(StringMatcher::Regex)
+            }
         };
         if let Some(matcher) = matcher {
             out.query.push(QueryMatcher { name: q.name.clone(), matcher });
@@ -341,7 +357,11 @@ fn header_filter(f: &gw::HTTPHeaderFilter, field: &str, e: &mut RuleErrors<'_>) 
     })
 }
 
-fn request_redirect(r: &gw::HTTPRequestRedirectFilter, field: &str, e: &mut RuleErrors<'_>) -> (Redirect, Option<gw::HTTPPathModifier>) {
+fn request_redirect(
+    r: &gw::HTTPRequestRedirectFilter,
+    field: &str,
+    e: &mut RuleErrors<'_>,
+) -> (Redirect, Option<gw::HTTPPathModifier>) {
     let status = match r.status_code {
         None => StatusCode::FOUND,
         Some(c @ (301 | 302 | 303 | 307 | 308)) => StatusCode::from_u16(c as u16).expect("valid redirect status"),
@@ -366,7 +386,12 @@ fn request_redirect(r: &gw::HTTPRequestRedirectFilter, field: &str, e: &mut Rule
 }
 
 /// `ReplaceFullPath` / `ReplacePrefixMatch` (the latter only after a `PathPrefix` match).
-fn path_modifier(p: &gw::HTTPPathModifier, prefix: Option<&str>, field: &str, e: &mut RuleErrors<'_>) -> Option<PathRewrite> {
+fn path_modifier(
+    p: &gw::HTTPPathModifier,
+    prefix: Option<&str>,
+    field: &str,
+    e: &mut RuleErrors<'_>,
+) -> Option<PathRewrite> {
     match (p.r#type.as_str(), &p.replace_full_path, &p.replace_prefix_match) {
         ("ReplaceFullPath", Some(full), _) => Some(PathRewrite::Full(full.clone())),
         ("ReplacePrefixMatch", _, Some(repl)) => match prefix {
@@ -383,7 +408,13 @@ fn path_modifier(p: &gw::HTTPPathModifier, prefix: Option<&str>, field: &str, e:
     }
 }
 
-fn mirror(ctx: &Ctx<'_>, ns: &str, m: &gw::HTTPRequestMirrorFilter, field: &str, e: &mut RuleErrors<'_>) -> Option<Mirror> {
+fn mirror(
+    ctx: &Ctx<'_>,
+    ns: &str,
+    m: &gw::HTTPRequestMirrorFilter,
+    field: &str,
+    e: &mut RuleErrors<'_>,
+) -> Option<Mirror> {
     let percent = match (&m.percent, &m.fraction) {
         (Some(p), None) => f64::from(*p),
         (None, Some(f)) => {
@@ -405,7 +436,17 @@ fn mirror(ctx: &Ctx<'_>, ns: &str, m: &gw::HTTPRequestMirrorFilter, field: &str,
         return None;
     }
     let b = &m.backend_ref;
-    let dest = backend(ctx, ns, b.group.as_deref(), b.kind.as_deref(), &b.name, b.namespace.as_deref(), b.port, &format!("{field}.backendRef"), e)?;
+    let dest = backend(
+        ctx,
+        ns,
+        b.group.as_deref(),
+        b.kind.as_deref(),
+        &b.name,
+        b.namespace.as_deref(),
+        b.port,
+        &format!("{field}.backendRef"),
+        e,
+    )?;
     Some(Mirror { dest, percent })
 }
 
@@ -458,21 +499,44 @@ fn backends(ctx: &Ctx<'_>, ns: &str, rule: &HTTPRouteRule, e: &mut RuleErrors<'_
         }
         // Resolution errors are reported on the object but do not take the rule out: the Gateway API
         // asks for a 500 on the share of requests that would have gone to them.
-        let mut resolve = RuleErrors { route: e.route, prefix: e.prefix.clone(), errors: Vec::new(), reported: Vec::new() };
-        let dest = backend(ctx, ns, b.group.as_deref(), b.kind.as_deref(), &b.name, b.namespace.as_deref(), b.port, &field, &mut resolve);
+        let mut resolve =
+            RuleErrors { route: e.route, prefix: e.prefix.clone(), errors: Vec::new(), reported: Vec::new() };
+        let dest = backend(
+            ctx,
+            ns,
+            b.group.as_deref(),
+            b.kind.as_deref(),
+            &b.name,
+            b.namespace.as_deref(),
+            b.port,
+            &field,
+            &mut resolve,
+        );
         e.reported.append(&mut resolve.errors);
         let mut req = HeaderOps::default();
         let mut resp = HeaderOps::default();
         for (m, f) in b.filters.iter().enumerate() {
             let ff = format!("{field}.filters[{m}]");
             match (f.r#type.as_str(), &f.request_header_modifier, &f.response_header_modifier) {
-                ("RequestHeaderModifier", Some(h), _) => req = header_filter(h, &format!("{ff}.requestHeaderModifier"), e),
-                ("ResponseHeaderModifier", _, Some(h)) => resp = header_filter(h, &format!("{ff}.responseHeaderModifier"), e),
-                (t, _, _) => e.push(format!("{ff}.type"), format!("backendRef filter {t:?} is not supported; use header modifiers")),
+                ("RequestHeaderModifier", Some(h), _) => {
+                    req = header_filter(h, &format!("{ff}.requestHeaderModifier"), e)
+                }
+                ("ResponseHeaderModifier", _, Some(h)) => {
+                    resp = header_filter(h, &format!("{ff}.responseHeaderModifier"), e)
+                }
+                (t, _, _) => e.push(
+                    format!("{ff}.type"),
+                    format!("backendRef filter {t:?} is not supported; use header modifiers"),
+                ),
             }
         }
         if let Some(dest) = dest {
-            dests.push(WeightedDestination { dest, weight: weight as u32, request_headers: req, response_headers: resp });
+            dests.push(WeightedDestination {
+                dest,
+                weight: weight as u32,
+                request_headers: req,
+                response_headers: resp,
+            });
         }
     }
     if dests.iter().all(|d| d.weight == 0) {

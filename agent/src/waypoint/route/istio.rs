@@ -13,12 +13,14 @@ use std::time::Duration;
 use base64::Engine;
 use http::StatusCode;
 
-use super::action::{Cors, Fault, HeaderOps, Mirror, PathRewrite, Redirect, RedirectPort, RetryOn, RetryPolicy, Rewrite};
 use super::action::envoy_substitution;
+use super::action::{
+    Cors, Fault, HeaderOps, Mirror, PathRewrite, Redirect, RedirectPort, RetryOn, RetryPolicy, Rewrite,
+};
 use super::matcher::{HeaderMatcher, PathMatcher, QueryMatcher, RequestMatch, StringMatcher, full_regex};
 use super::{Action, Ctx, Destination, Entry, HostPattern, Route, WeightedDestination, resolve_host};
 use crate::crd::duration;
-use crate::crd::networking::{self as net, HttpRoute, HttpMatchRequest, StringMatch, VirtualService};
+use crate::crd::networking::{self as net, HttpMatchRequest, HttpRoute, StringMatch, VirtualService};
 use crate::state::{Service, State};
 use crate::waypoint::ConfigError;
 
@@ -67,7 +69,12 @@ pub(super) struct VsCache {
 
 impl VsCache {
     /// The entries of the VirtualService that applies to `svc`, if any does.
-    pub(super) fn entries_for(&mut self, ctx: &Ctx<'_>, svc: &Service, errors: &mut Vec<ConfigError>) -> Option<Vec<Entry>> {
+    pub(super) fn entries_for(
+        &mut self,
+        ctx: &Ctx<'_>,
+        svc: &Service,
+        errors: &mut Vec<ConfigError>,
+    ) -> Option<Vec<Entry>> {
         let vss = &ctx.state.routing.virtual_services;
         let mut candidates: Vec<(usize, usize)> =
             vss.iter().enumerate().filter_map(|(i, vs)| host_rank(vs, svc).map(|r| (r, i))).collect();
@@ -133,8 +140,9 @@ fn compile_rule(ctx: &Ctx<'_>, vs: &VirtualService, i: usize, rule: &HttpRoute, 
         e.push(".delegate", "delegate VirtualServices are not supported by the waypoint; inline the routes");
         return Vec::new();
     }
-    let action_count =
-        usize::from(!rule.route.is_empty()) + usize::from(rule.redirect.is_some()) + usize::from(rule.direct_response.is_some());
+    let action_count = usize::from(!rule.route.is_empty())
+        + usize::from(rule.redirect.is_some())
+        + usize::from(rule.direct_response.is_some());
     if action_count != 1 {
         e.push("", "set exactly one of route, redirect and directResponse");
         return Vec::new();
@@ -272,7 +280,13 @@ fn header_ops(h: &net::Headers, field: &str, e: &mut RuleErrors<'_>) -> (HeaderO
 }
 
 /// Resolves a `destination` (host, subset, port) relative to the VirtualService's namespace.
-fn destination(ctx: &Ctx<'_>, ns: &str, d: &net::Destination, field: &str, e: &mut RuleErrors<'_>) -> Option<Destination> {
+fn destination(
+    ctx: &Ctx<'_>,
+    ns: &str,
+    d: &net::Destination,
+    field: &str,
+    e: &mut RuleErrors<'_>,
+) -> Option<Destination> {
     let Some(service) = resolve_host(ctx.state, &d.host, ns) else {
         e.push(
             format!("{field}.host"),
@@ -303,7 +317,12 @@ fn destination(ctx: &Ctx<'_>, ns: &str, d: &net::Destination, field: &str, e: &m
     Some(Destination { service, subset: d.subset.clone(), port })
 }
 
-fn destinations(ctx: &Ctx<'_>, ns: &str, route: &[net::HttpRouteDestination], e: &mut RuleErrors<'_>) -> Vec<WeightedDestination> {
+fn destinations(
+    ctx: &Ctx<'_>,
+    ns: &str,
+    route: &[net::HttpRouteDestination],
+    e: &mut RuleErrors<'_>,
+) -> Vec<WeightedDestination> {
     let mut out = Vec::new();
     let mut total: i64 = 0;
     for (k, rd) in route.iter().enumerate() {
@@ -372,7 +391,11 @@ fn redirect(r: &net::HttpRedirect, e: &mut RuleErrors<'_>) -> Redirect {
 }
 
 fn direct_response(d: &net::HttpDirectResponse, e: &mut RuleErrors<'_>) -> Action {
-    let status = match u16::try_from(d.status).ok().filter(|s| (200..=599).contains(s)).and_then(|s| StatusCode::from_u16(s).ok()) {
+    let status = match u16::try_from(d.status)
+        .ok()
+        .filter(|s| (200..=599).contains(s))
+        .and_then(|s| StatusCode::from_u16(s).ok())
+    {
         Some(s) => s,
         None => {
             e.push(".directResponse.status", format!("{} is not an HTTP status (200-599)", d.status));
@@ -447,7 +470,11 @@ fn fault(f: &net::HttpFaultInjection, e: &mut RuleErrors<'_>) -> Option<Fault> {
     let abort = f.abort.as_ref().and_then(|a| {
         let pct = percent(a.percentage.as_ref(), None, ".fault.abort.percentage.value", e);
         match (a.http_status, &a.grpc_status) {
-            (Some(s), None) => match u16::try_from(s).ok().filter(|s| (200..=599).contains(s)).and_then(|s| StatusCode::from_u16(s).ok()) {
+            (Some(s), None) => match u16::try_from(s)
+                .ok()
+                .filter(|s| (200..=599).contains(s))
+                .and_then(|s| StatusCode::from_u16(s).ok())
+            {
                 Some(code) => Some((code, pct)),
                 None => {
                     e.push(".fault.abort.httpStatus", format!("{s} is not an HTTP status (200-599)"));
@@ -485,7 +512,8 @@ fn mirrors(ctx: &Ctx<'_>, ns: &str, rule: &HttpRoute, e: &mut RuleErrors<'_>) ->
 }
 
 fn cors(c: &net::CorsPolicy, e: &mut RuleErrors<'_>) -> Option<Cors> {
-    let mut allow_origins: Vec<StringMatcher> = c.allow_origin.iter().map(|o| StringMatcher::Exact(o.clone())).collect();
+    let mut allow_origins: Vec<StringMatcher> =
+        c.allow_origin.iter().map(|o| StringMatcher::Exact(o.clone())).collect();
     for (k, o) in c.allow_origins.iter().enumerate() {
         if let Some(m) = string_matcher(o, &format!(".corsPolicy.allowOrigins[{k}]"), e) {
             allow_origins.push(m);
@@ -532,7 +560,10 @@ fn rewrite(rule: &HttpRoute, uri: Option<&StringMatch>, e: &mut RuleErrors<'_>) 
         (None, Some(rr)) => match regex::Regex::new(&rr.r#match) {
             Ok(pattern) => Some(PathRewrite::Regex { pattern, substitution: envoy_substitution(&rr.rewrite) }),
             Err(err) => {
-                e.push(".rewrite.uriRegexRewrite.match", format!("invalid RE2 regular expression {:?}: {err}", rr.r#match));
+                e.push(
+                    ".rewrite.uriRegexRewrite.match",
+                    format!("invalid RE2 regular expression {:?}: {err}", rr.r#match),
+                );
                 None
             }
         },

@@ -6,6 +6,7 @@
 //! regexes, several header values are joined with `,` before matching, `withoutHeaders` also matches
 //! an absent header. Does not own turning CRD fields into matchers (`istio`, `gateway`).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use regex::Regex;
@@ -66,7 +67,8 @@ pub enum PathMatcher {
 impl PathMatcher {
     fn matches(&self, path: &str, ignore_case: bool) -> bool {
         match self {
-            PathMatcher::Exact(e) => StringMatcher::Exact(e.clone()).matches_case(path, ignore_case),
+            PathMatcher::Exact(e) if ignore_case => path.eq_ignore_ascii_case(e),
+            PathMatcher::Exact(e) => path == e,
             PathMatcher::Prefix(p) => {
                 p.len() <= path.len()
                     && if ignore_case {
@@ -170,24 +172,39 @@ impl RequestMatch {
 }
 
 fn header_matches(h: &HeaderMatcher, req: &RequestInfo<'_>) -> bool {
-    let value: Option<String> = match h.name.as_str() {
-        ":authority" | "host" => Some(req.authority.to_owned()),
-        ":method" => Some(req.method.as_str().to_owned()),
-        ":scheme" => Some(req.scheme.to_owned()),
-        ":path" => Some(req.path_and_query.to_owned()),
+    let value: Option<Cow<'_, str>> = match h.name.as_str() {
+        ":authority" | "host" => Some(Cow::Borrowed(req.authority)),
+        ":method" => Some(Cow::Borrowed(req.method.as_str())),
+        ":scheme" => Some(Cow::Borrowed(req.scheme)),
+        ":path" => Some(Cow::Borrowed(req.path_and_query)),
         name => {
-            let mut values = req.headers.get_all(name).iter().peekable();
-            if values.peek().is_none() {
-                None
-            } else {
-                // A value that is not visible ASCII cannot equal a configured string; keep it lossy so
-                // presence still works.
-                Some(values.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect::<Vec<_>>().join(","))
+            let mut values = req.headers.get_all(name).iter();
+            match (values.next(), values.next()) {
+                (None, _) => None,
+                (Some(v), None) => Some(lossy(v)),
+                // Envoy joins repeated headers with "," before matching.
+                (Some(first), Some(second)) => {
+                    let mut joined = format!("{},{}", lossy(first), lossy(second));
+                    for v in values {
+                        joined.push(',');
+                        joined.push_str(&lossy(v));
+                    }
+                    Some(Cow::Owned(joined))
+                }
             }
         }
     };
     let hit = value.is_some_and(|v| h.matcher.matches(&v));
     hit != h.invert
+}
+
+/// A value that is not visible ASCII cannot equal a configured string; keep it lossy so presence and
+/// regexes still see it.
+fn lossy(v: &http::HeaderValue) -> Cow<'_, str> {
+    match v.to_str() {
+        Ok(s) => Cow::Borrowed(s),
+        Err(_) => String::from_utf8_lossy(v.as_bytes()),
+    }
 }
 
 /// `(path, query)` of a request target; the query excludes the `?`.

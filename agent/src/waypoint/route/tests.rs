@@ -85,7 +85,10 @@ pub(crate) fn world(yaml: &str) -> State {
             name: (*name).into(),
             namespace: (*ns).into(),
             vips: vec![vip],
-            ports: ports.iter().map(|p| ServicePort { name: None, port: *p, target_port: *p, app_protocol: None }).collect(),
+            ports: ports
+                .iter()
+                .map(|p| ServicePort { name: None, port: *p, target_port: *p, app_protocol: None })
+                .collect(),
             labels,
             endpoints: vec![ep.clone()],
         };
@@ -280,8 +283,10 @@ fn routing_table_cases() {
     for s in &scenarios {
         let state = world(s.yaml);
         let (table, errors) = RouteTable::build(&state, &me());
-        let mut got: Vec<(String, String)> = errors.iter().map(|e| (format!("{} {}/{}", e.kind, e.namespace, e.name), e.field.clone())).collect();
-        let mut want: Vec<(String, String)> = s.errors.iter().map(|(o, f)| ((*o).to_owned(), (*f).to_owned())).collect();
+        let mut got: Vec<(String, String)> =
+            errors.iter().map(|e| (format!("{} {}/{}", e.kind, e.namespace, e.name), e.field.clone())).collect();
+        let mut want: Vec<(String, String)> =
+            s.errors.iter().map(|(o, f)| ((*o).to_owned(), (*f).to_owned())).collect();
         got.sort();
         want.sort();
         if got != want {
@@ -312,7 +317,8 @@ fn shares(route: &Route, rolls: usize) -> BTreeMap<String, f64> {
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for _ in 0..rolls {
         let d = route.pick(rng.random()).expect("a destination");
-        *counts.entry(format!("{}:{}", d.dest.service.name, d.dest.subset.clone().unwrap_or_default())).or_default() += 1;
+        *counts.entry(format!("{}:{}", d.dest.service.name, d.dest.subset.clone().unwrap_or_default())).or_default() +=
+            1;
     }
     counts.into_iter().map(|(k, n)| (k, 100.0 * n as f64 / rolls as f64)).collect()
 }
@@ -364,7 +370,8 @@ fn defaults_and_compiled_values() {
     assert_eq!((d.dest.port, d.dest.port_for(9080)), (0, 9080), "default routes keep the dialled port");
 
     let routes = table.routes("demo", "api");
-    let by_prefix = |name: &str| routes.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("route {name}")).clone();
+    let by_prefix =
+        |name: &str| routes.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("route {name}")).clone();
     let r = by_prefix("timeouts");
     assert_eq!(r.timeout, Some(Duration::from_millis(2500)));
     assert_eq!(r.retry.attempts, 4);
@@ -380,7 +387,9 @@ fn defaults_and_compiled_values() {
     let r = by_prefix("noretry");
     assert_eq!(r.retry.attempts, 0);
     let r = by_prefix("direct");
-    assert!(matches!(&r.action, Action::DirectResponse { status, body } if status.as_u16() == 418 && &body[..] == b"short and stout"));
+    assert!(
+        matches!(&r.action, Action::DirectResponse { status, body } if status.as_u16() == 418 && &body[..] == b"short and stout")
+    );
     assert_eq!(r.origin, "VirtualService demo/api http[5]");
 
     let state = world(cases::GATEWAY);

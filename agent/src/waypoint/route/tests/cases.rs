@@ -81,7 +81,7 @@ impl Case {
         self.port = p;
         self
     }
-    pub fn from_ns(mut self, ns: &'static str) -> Self {
+    pub fn src_ns(mut self, ns: &'static str) -> Self {
         self.source_namespace = Some(ns);
         self
     }
@@ -167,7 +167,10 @@ fn bookinfo() -> Scenario {
             req("ratings", "/ratings/0").roll(u64::MAX).to("ratings").subset("v2"),
             req("ratings", "/ratings/0").roll(at(79)).to("ratings").subset("v1"),
             req("ratings", "/ratings/0").roll(at(81)).to("ratings").subset("v2"),
-            req("productpage", "/productpage").h("user-agent", "Mozilla/5.0 (Macintosh) AppleWebKit Safari/605.1.15").to("productpage").subset("v1"),
+            req("productpage", "/productpage")
+                .h("user-agent", "Mozilla/5.0 (Macintosh) AppleWebKit Safari/605.1.15")
+                .to("productpage")
+                .subset("v1"),
             req("productpage", "/productpage").h("user-agent", "Mozilla/5.0 Chrome/120").to("productpage").subset("v2"),
             req("productpage", "/productpage").to("productpage").subset("v2"),
             req("productpage", "/").h("user-agent", "Safari").to("productpage").subset("v1"),
@@ -272,12 +275,16 @@ fn matches() -> Scenario {
             w("/").port(8080).to("web").subset("port").bport(8080),
             w("/").port(80).to("web").subset("catchall").bport(80),
             // source namespace and labels
-            w("/").from_ns("trusted").to("web").subset("srcns"),
-            w("/").from_ns("untrusted").to("web").subset("catchall"),
+            w("/").src_ns("trusted").to("web").subset("srcns"),
+            w("/").src_ns("untrusted").to("web").subset("catchall"),
             w("/").to("web").subset("catchall"),
-            w("/").from_ns("x").labels(&[("app", "frontend"), ("version", "v1"), ("extra", "1")]).to("web").subset("srclabels"),
-            w("/").from_ns("x").labels(&[("app", "frontend")]).to("web").subset("catchall"),
-            w("/").from_ns("x").labels(&[("app", "frontend"), ("version", "v2")]).to("web").subset("catchall"),
+            w("/")
+                .src_ns("x")
+                .labels(&[("app", "frontend"), ("version", "v1"), ("extra", "1")])
+                .to("web")
+                .subset("srclabels"),
+            w("/").src_ns("x").labels(&[("app", "frontend")]).to("web").subset("catchall"),
+            w("/").src_ns("x").labels(&[("app", "frontend"), ("version", "v2")]).to("web").subset("catchall"),
         ],
     }
 }
