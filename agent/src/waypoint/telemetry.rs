@@ -121,36 +121,60 @@ pub struct RequestRecord<'a> {
     pub route_name: Option<&'a str>,
 }
 
+/// "0".."999": HTTP and gRPC status label values without formatting on the request path.
+static NUMBERS: std::sync::LazyLock<Vec<String>> =
+    std::sync::LazyLock::new(|| (0..1000).map(|n| n.to_string()).collect());
+
 impl RequestRecord<'_> {
-    fn label_values(&self) -> [String; 25] {
+    /// Borrowed label values (no allocation on the request path for the usual codes);
+    /// `scratch` holds the rare ones that must be formatted.
+    fn label_values<'s>(&'s self, scratch: &'s mut [String; 2]) -> [&'s str; 25] {
         let (s, d) = (self.source, self.destination);
+        let [code_buf, grpc_buf] = scratch;
+        let code = match NUMBERS.get(usize::from(self.response_code)) {
+            Some(c) => c.as_str(),
+            None => {
+                *code_buf = self.response_code.to_string();
+                code_buf.as_str()
+            }
+        };
+        // Istio leaves it empty for plain HTTP.
+        let grpc = match self.grpc_status {
+            None => "",
+            Some(g) => match NUMBERS.get(g as usize) {
+                Some(n) => n.as_str(),
+                None => {
+                    *grpc_buf = g.to_string();
+                    grpc_buf.as_str()
+                }
+            },
+        };
         [
-            "waypoint".to_owned(),
-            s.workload.clone(),
-            s.canonical_service.clone(),
-            s.canonical_revision.clone(),
-            s.namespace.clone(),
-            s.principal.clone(),
-            s.app.clone(),
-            s.version.clone(),
-            CLUSTER.to_owned(),
-            d.workload.clone(),
-            d.namespace.clone(),
-            d.principal.clone(),
-            d.app.clone(),
-            d.version.clone(),
-            self.destination_service.to_owned(),
-            self.destination_service_namespace.to_owned(),
-            self.destination_service_name.to_owned(),
-            d.canonical_service.clone(),
-            d.canonical_revision.clone(),
-            CLUSTER.to_owned(),
-            self.protocol.label().to_owned(),
-            self.response_code.to_string(),
-            // Istio leaves it empty for plain HTTP.
-            self.grpc_status.map(|s| s.to_string()).unwrap_or_default(),
-            if self.response_flags.is_empty() { "-".to_owned() } else { self.response_flags.to_owned() },
-            if self.mtls { "mutual_tls" } else { "none" }.to_owned(),
+            "waypoint",
+            &s.workload,
+            &s.canonical_service,
+            &s.canonical_revision,
+            &s.namespace,
+            &s.principal,
+            &s.app,
+            &s.version,
+            CLUSTER,
+            &d.workload,
+            &d.namespace,
+            &d.principal,
+            &d.app,
+            &d.version,
+            self.destination_service,
+            self.destination_service_namespace,
+            self.destination_service_name,
+            &d.canonical_service,
+            &d.canonical_revision,
+            CLUSTER,
+            self.protocol.label(),
+            code,
+            grpc,
+            if self.response_flags.is_empty() { "-" } else { self.response_flags },
+            if self.mtls { "mutual_tls" } else { "none" },
         ]
     }
 }
@@ -190,8 +214,8 @@ impl RequestMetrics {
     }
 
     pub fn record(&self, r: &RequestRecord<'_>) {
-        let values = r.label_values();
-        let v: Vec<&str> = values.iter().map(String::as_str).collect();
+        let mut scratch = [String::new(), String::new()];
+        let v = r.label_values(&mut scratch);
         self.requests.with_label_values(&v).inc();
         self.duration.with_label_values(&v).observe(r.duration.as_secs_f64() * 1000.0);
         self.request_bytes.with_label_values(&v).observe(r.request_bytes as f64);
