@@ -32,7 +32,7 @@ use balance::{Balancer, Usable};
 use outlier::HostOutlier;
 
 pub use policy::{HashSource, HashTable, LbPolicy, OutlierPolicy, Policy, PoolLimits, UpstreamSettings};
-pub use pool::{Admission, Overflow};
+pub use pool::{Admission, Overflow, RetryPermit};
 
 /// What a consistent-hash policy may hash, taken from the request.
 #[derive(Debug, Clone, Copy)]
@@ -109,11 +109,16 @@ pub struct Cluster {
     /// Start of the outlier detector's interval timer: hosts come back on its sweeps.
     sweep_origin: Instant,
     eject_lock: Mutex<()>,
+    /// Serialises computing and storing the healthy set, so a set computed before an ejection
+    /// cannot overwrite one computed after it.
+    refresh_lock: Mutex<()>,
+    retries: pool::Retries,
 }
 
 impl Cluster {
     fn new(name: String, origin: Option<String>, policy: Policy, hosts: Vec<Arc<Host>>, sweep_origin: Instant) -> Self {
         let balancer = Balancer::new(&policy.lb, &hosts);
+        let policy_max_retries = policy.upstream.max_retries;
         let pool = pool::Pool::new(policy.pool);
         let empty = HealthySet { idx: Vec::new(), mask: Vec::new(), next_change: None };
         let cluster = Cluster {
@@ -126,6 +131,8 @@ impl Cluster {
             healthy: ArcSwap::from_pointee(empty),
             sweep_origin,
             eject_lock: Mutex::new(()),
+            refresh_lock: Mutex::new(()),
+            retries: pool::Retries::new(policy_max_retries),
         };
         cluster.refresh(Instant::now());
         cluster
@@ -142,7 +149,10 @@ impl Cluster {
     pub fn pick(&self, key: &HashKey<'_>) -> Option<Endpoint> {
         let mut set = self.healthy.load();
         if set.next_change.is_some_and(|t| Instant::now() >= t) {
-            self.refresh(Instant::now());
+            // Busy: another request is refreshing; this one uses the set it has.
+            if let Ok(_refreshing) = self.refresh_lock.try_lock() {
+                self.compute_healthy(Instant::now());
+            }
             set = self.healthy.load();
         }
         let usable = Usable { idx: &set.idx, mask: &set.mask };
@@ -182,6 +192,13 @@ impl Cluster {
         self.refresh(now);
     }
 
+    /// `connectionPool.http.maxRetries`: retries outstanding to the cluster at once. `None` → do
+    /// not retry (Envoy's retry overflow: the last attempt's response stands); keep the permit
+    /// until the retry attempt is done.
+    pub fn retry_permit(&self) -> Option<RetryPermit> {
+        self.retries.take()
+    }
+
     /// Connect timeout, max requests per connection, idle timeout, h2 upgrade, for `upstream`.
     pub fn settings(&self) -> &UpstreamSettings {
         &self.policy.upstream
@@ -208,6 +225,11 @@ impl Cluster {
     }
 
     fn refresh(&self, now: Instant) {
+        let _refreshing = self.refresh_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.compute_healthy(now);
+    }
+
+    fn compute_healthy(&self, now: Instant) {
         let mut idx = Vec::with_capacity(self.hosts.len());
         let mut next_change: Option<Instant> = None;
         for (i, h) in self.hosts.iter().enumerate() {

@@ -85,3 +85,27 @@ impl Pool {
         self.pending.load(Ordering::Acquire)
     }
 }
+
+/// Envoy's `max_retries` circuit breaker: retries outstanding to the cluster at once.
+#[derive(Debug)]
+pub(super) struct Retries {
+    limit: Option<u32>,
+    active: Arc<AtomicU32>,
+}
+
+/// One retry in flight; dropping it frees the slot.
+#[derive(Debug)]
+pub struct RetryPermit(Option<CountGuard>);
+
+impl Retries {
+    pub(super) fn new(limit: Option<u32>) -> Self {
+        Retries { limit, active: Arc::default() }
+    }
+
+    pub(super) fn take(&self) -> Option<RetryPermit> {
+        match self.limit {
+            None => Some(RetryPermit(None)),
+            Some(limit) => take(&self.active, limit).map(|g| RetryPermit(Some(g))),
+        }
+    }
+}

@@ -274,6 +274,21 @@ async fn pending_queue_is_bounded_and_drains() {
     drop(held);
 }
 
+#[test]
+fn max_retries_bounds_outstanding_retries() {
+    let mut policy = Policy::default();
+    policy.upstream.max_retries = Some(2);
+    let c = cluster(2, policy);
+    let a = c.retry_permit().expect("first retry");
+    let _b = c.retry_permit().expect("second retry");
+    assert!(c.retry_permit().is_none(), "third concurrent retry overflows");
+    drop(a);
+    assert!(c.retry_permit().is_some());
+    let unlimited = cluster(2, Policy::default());
+    let held: Vec<_> = (0..1000).map(|_| unlimited.retry_permit().expect("no limit")).collect();
+    assert_eq!(held.len(), 1000);
+}
+
 #[tokio::test(start_paused = true)]
 async fn max_requests_overflows_immediately() {
     let c = pool(2, u32::MAX, u32::MAX);
