@@ -13,6 +13,7 @@ pub mod ca_server;
 pub mod cni;
 pub mod config;
 pub mod crd;
+pub mod ctl;
 pub mod discovery;
 pub mod drain;
 pub mod identity;

@@ -35,6 +35,8 @@ enum Command {
     /// (and stop failing closed). Run it after removing the agent for good.
     /// Operator commands against a cluster, e.g. `weft ctl waypoint apply -n NS` (as `istioctl waypoint apply`).
     Ctl(weft::ctl::CtlArgs),
+    /// Operator commands against a cluster, e.g. `weft ctl waypoint apply -n NS` (as `istioctl waypoint apply`).
+    Ctl(weft::ctl::CtlArgs),
     Uninstall {
         #[arg(long, default_value = weft::config::DEFAULT_PIN_DIR)]
         bpf_pin_dir: std::path::PathBuf,
@@ -136,6 +138,20 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Cni { action } => cni(action),
+        Command::Ctl(args) => {
+            init_logging(LogFormat::Text);
+            let rt = match runtime(1) {
+                Ok(rt) => rt,
+                Err(code) => return code,
+            };
+            match rt.block_on(weft::ctl::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("weft ctl: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Ctl(args) => {
             init_logging(LogFormat::Text);
             let rt = match runtime(1) {
