@@ -31,12 +31,10 @@ enum Command {
         #[command(subcommand)]
         action: Option<CniAction>,
     },
+    /// Operator commands against a cluster, e.g. `weft ctl waypoint apply -n NS` (as `istioctl waypoint apply`).
+    Ctl(weft::ctl::CtlArgs),
     /// Detaches weft's eBPF programs and removes their pins: enrolled pods stop being redirected
     /// (and stop failing closed). Run it after removing the agent for good.
-    /// Operator commands against a cluster, e.g. `weft ctl waypoint apply -n NS` (as `istioctl waypoint apply`).
-    Ctl(weft::ctl::CtlArgs),
-    /// Operator commands against a cluster, e.g. `weft ctl waypoint apply -n NS` (as `istioctl waypoint apply`).
-    Ctl(weft::ctl::CtlArgs),
     Uninstall {
         #[arg(long, default_value = weft::config::DEFAULT_PIN_DIR)]
         bpf_pin_dir: std::path::PathBuf,
@@ -138,20 +136,6 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Cni { action } => cni(action),
-        Command::Ctl(args) => {
-            init_logging(LogFormat::Text);
-            let rt = match runtime(1) {
-                Ok(rt) => rt,
-                Err(code) => return code,
-            };
-            match rt.block_on(weft::ctl::run(args)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("weft ctl: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
         Command::Ctl(args) => {
             init_logging(LogFormat::Text);
             let rt = match runtime(1) {
