@@ -187,6 +187,9 @@ pub enum RedirectPort {
     #[default]
     Keep,
     Set(u16),
+    /// The request's port (from its `Host`), even when the host is replaced (Istio `FROM_REQUEST_PORT`,
+    /// Gateway API without scheme and port: "the listener port").
+    FromRequest,
     /// The default port of the (new) scheme, i.e. none in the `Location` (Istio `FROM_PROTOCOL_DEFAULT`,
     /// Gateway API with a scheme and no port).
     SchemeDefault,
@@ -223,6 +226,7 @@ impl Redirect {
                 }
             }
             RedirectPort::Set(p) => port = Some(p),
+            RedirectPort::FromRequest => port = split_host_port(req_authority).1,
             RedirectPort::SchemeDefault => port = None,
         }
         if port.is_some() && port == default_port(scheme) {

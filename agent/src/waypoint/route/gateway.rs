@@ -380,7 +380,7 @@ fn request_redirect(
         },
         // Gateway API: with a scheme and no port, the scheme's well-known port.
         (None, Some(_)) => RedirectPort::SchemeDefault,
-        (None, None) => RedirectPort::Keep,
+        (None, None) => RedirectPort::FromRequest,
     };
     (Redirect { scheme: r.scheme.clone(), host: r.hostname.clone(), port, path: None, status }, r.path.clone())
 }

@@ -370,7 +370,8 @@ fn redirect(r: &net::HttpRedirect, e: &mut RuleErrors<'_>) -> Redirect {
             }
         },
         (None, Some("FROM_PROTOCOL_DEFAULT")) => RedirectPort::SchemeDefault,
-        (None, Some("FROM_REQUEST_PORT")) | (None, None) => RedirectPort::Keep,
+        (None, Some("FROM_REQUEST_PORT")) => RedirectPort::FromRequest,
+        (None, None) => RedirectPort::Keep,
         (None, Some(other)) => {
             e.push(".redirect.derivePort", format!("{other:?} is not FROM_PROTOCOL_DEFAULT or FROM_REQUEST_PORT"));
             RedirectPort::Keep

@@ -310,6 +310,9 @@ fn actions() -> Scenario {
             a("/r6").auth("api:80").status(301).location("https://api/r6"),
             a("/r6").auth("api:8080").status(301).location("https://api:8080/r6"),
             a("/r7").auth("api:8080").status(301).location("http://api:8080/r7"),
+            a("/r8").auth("api:8080").status(301).location("http://elsewhere.example:8080/r8"),
+            a("/r8").auth("api").status(301).location("http://elsewhere.example/r8"),
+            a("/r9").auth("api:8080").status(301).location("http://elsewhere.example/r9"),
             // direct response
             a("/direct").status(418),
             a("/direct/more").method("POST").status(418),
@@ -443,6 +446,8 @@ fn gateway() -> Scenario {
                 .resp_h("x-upstream", None),
             g("/redir/x").status(302).location("https://gw1/redir/x"),
             g("/redir/x").auth("gw1:8080").status(302).location("https://gw1/redir/x"),
+            g("/host/a").auth("gw1:8080").status(302).location("http://moved.example:8080/host/a"),
+            g("/host/a").status(302).location("http://moved.example/host/a"),
             g("/redir301/a").status(301).location("http://new.example:8080/redir301/a"),
             g("/old/page?x=1").status(302).location("http://gw1/new/page?x=1"),
             g("/old").status(302).location("http://gw1/new"),
