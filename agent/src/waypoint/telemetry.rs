@@ -401,6 +401,56 @@ mod tests {
         );
     }
 
+    /// Collects what a fmt subscriber writes, to read the access-log line back.
+    #[derive(Clone, Default)]
+    struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn access_log_line_carries_envoy_fields() {
+        let cap = Capture::default();
+        let writer = cap.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        let (src, dst) = (Peer::default(), Peer::default());
+        tracing::subscriber::with_default(subscriber, || access_log(&record(&src, &dst)));
+        let out = String::from_utf8(cap.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(out.lines().count(), 1, "{out}");
+        for want in [
+            " access: request",
+            "method=\"GET\"",
+            "path=\"/reviews/1\"",
+            "protocol=\"HTTP/1.1\"",
+            "response_code=200",
+            "response_flags=\"-\"",
+            "bytes_received=0",
+            "bytes_sent=1234",
+            "duration_ms=7",
+            "user_agent=curl/8",
+            "request_id=abc",
+            "authority=\"reviews:9080\"",
+            "upstream_host=10.0.2.7:9080",
+            "upstream_cluster=outbound|9080|v1|reviews.demo.svc.cluster.local",
+            "downstream_remote_address=10.0.1.5:40000",
+            "route_name=v1",
+            "trace_id=-",
+        ] {
+            assert!(out.contains(want), "{want} missing in {out}");
+        }
+    }
+
     #[test]
     fn access_log_does_not_panic_on_sparse_records() {
         let (src, dst) = (Peer::default(), Peer::default());
