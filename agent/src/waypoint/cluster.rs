@@ -141,7 +141,14 @@ impl Cluster {
     /// connectionPool limits: `Err` → the handler answers 503 with response flag `UO`. Waits while
     /// the request is pending for a connection slot; cancel-safe.
     pub async fn admit(&self) -> Result<Admission, Overflow> {
-        self.pool.admit().await
+        self.pool.admit(false).await
+    }
+
+    /// `admit` for a request that goes upstream over HTTP/2 (`upstream::Protocol::Http2`): many
+    /// streams share a connection there, so `maxConnections` and the pending queue do not apply,
+    /// only `http2MaxRequests` (as in Envoy's HTTP/2 pool).
+    pub async fn admit_multiplexed(&self) -> Result<Admission, Overflow> {
+        self.pool.admit(true).await
     }
 
     /// The DestinationRule's load balancer over the endpoints that are not ejected (all of them

@@ -62,9 +62,11 @@ impl Pool {
     }
 
     /// Cancel-safe: a caller that stops waiting (route timeout) leaves the pending queue.
-    pub(super) async fn admit(&self) -> Result<Admission, Overflow> {
+    /// `multiplexed`: the request goes over HTTP/2, where Envoy's pool runs many streams on one
+    /// connection, so only the request limit applies.
+    pub(super) async fn admit(&self, multiplexed: bool) -> Result<Admission, Overflow> {
         let request = take(&self.active, self.limits.max_requests).ok_or(Overflow::MaxRequests(self.limits.max_requests))?;
-        let Some(connections) = &self.connections else {
+        let Some(connections) = self.connections.as_ref().filter(|_| !multiplexed) else {
             return Ok(Admission { _request: request, _connection: None });
         };
         if let Ok(permit) = connections.clone().try_acquire_owned() {
@@ -95,7 +97,9 @@ pub(super) struct Retries {
 
 /// One retry in flight; dropping it frees the slot.
 #[derive(Debug)]
-pub struct RetryPermit(Option<CountGuard>);
+pub struct RetryPermit {
+    _slot: Option<CountGuard>,
+}
 
 impl Retries {
     pub(super) fn new(limit: Option<u32>) -> Self {
@@ -104,8 +108,8 @@ impl Retries {
 
     pub(super) fn take(&self) -> Option<RetryPermit> {
         match self.limit {
-            None => Some(RetryPermit(None)),
-            Some(limit) => take(&self.active, limit).map(|g| RetryPermit(Some(g))),
+            None => Some(RetryPermit { _slot: None }),
+            Some(limit) => take(&self.active, limit).map(|g| RetryPermit { _slot: Some(g) }),
         }
     }
 }

@@ -290,6 +290,15 @@ fn max_retries_bounds_outstanding_retries() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn http2_requests_share_connections_and_only_count_as_requests() {
+    let c = pool(3, 1, 1);
+    let _h1 = c.admit().await.unwrap();
+    let _a = c.admit_multiplexed().await.expect("a stream does not need its own connection");
+    let _b = c.admit_multiplexed().await.unwrap();
+    assert_eq!(c.admit_multiplexed().await.err(), Some(Overflow::MaxRequests(3)));
+}
+
+#[tokio::test(start_paused = true)]
 async fn max_requests_overflows_immediately() {
     let c = pool(2, u32::MAX, u32::MAX);
     let a = c.admit().await.unwrap();
