@@ -337,11 +337,12 @@ impl Chain {
         record.cluster =
             Some(format!("outbound|{port}|{}|{}", wd.dest.subset.as_deref().unwrap_or(""), wd.dest.service.hostname()));
 
-        route.request_headers.apply(&mut parts.headers);
-        wd.request_headers.apply(&mut parts.headers);
         if let Some(rw) = &route.rewrite {
             rw.apply(parts);
         }
+        // Envoy applies the most specific level first and lets the route level overwrite it.
+        wd.request_headers.apply(&mut parts.headers);
+        route.request_headers.apply(&mut parts.headers);
         strip_hop_by_hop(&mut parts.headers);
 
         let mut body = body::RequestBody::read(body)

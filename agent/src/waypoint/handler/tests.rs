@@ -22,6 +22,8 @@ use crate::proxy::hbone::{self, H2Io};
 use crate::state::{State, StateStore, Workload};
 use crate::waypoint::{Options, Waypoint, WaypointId};
 
+mod route_cases;
+
 const TD: &str = "cluster.local";
 pub(crate) const REVIEWS_VIP: &str = "10.96.0.20:9080";
 pub(crate) const RATINGS_VIP: &str = "10.96.0.30:9080";
@@ -167,7 +169,15 @@ pub(crate) async fn fixture_with(net: u8, extra: &str, bad: Behaviour, v1: Behav
     let opts =
         FileOptions { trust_domain: TD.into(), node_name: "local".into(), root_namespace: "istio-system".into() };
     let state = file::parse(&mesh(net, port, extra), "test.yaml", &opts).unwrap_or_else(|e| panic!("mesh: {e}"));
-    let store = Arc::new(StateStore::new(on_loopback(state)));
+    let mut f = start(on_loopback(state)).await;
+    f.hits = hits;
+    f.port = port;
+    f
+}
+
+/// A waypoint `demo/waypoint` serving HBONE on 127.0.0.1:0 for `state`, with its own test CA.
+pub(crate) async fn start(state: State) -> Fixture {
+    let store = Arc::new(StateStore::new(state));
     let dir = tempfile::tempdir().unwrap();
     let ca = Arc::new(Ca::load_or_create(dir.path(), TD).unwrap());
     let certs = CertManager::new(ca.clone(), vec![ca.root()], TD.into(), Duration::from_secs(3600));
@@ -184,7 +194,7 @@ pub(crate) async fn fixture_with(net: u8, extra: &str, bad: Behaviour, v1: Behav
     let addr = listener.local_addr().unwrap();
     tokio::spawn(waypoint.clone().serve_hbone(listener, drain.clone()));
     tokio::spawn(waypoint.clone().watch(drain.clone()));
-    Fixture { waypoint, addr, certs, wp_identity, hits, store, port, drain, _dir: dir }
+    Fixture { waypoint, addr, certs, wp_identity, hits: HashMap::new(), store, port: 0, drain, _dir: dir }
 }
 
 /// Local mode refuses loopback pod IPs, so pods are declared on 10.200.N.H and moved to 127.0.N.H here.
