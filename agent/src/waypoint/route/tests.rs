@@ -52,8 +52,11 @@ pub(crate) const SERVICES: &[(&str, &str, &[u16])] = &[
 ];
 
 /// The test mesh with the routing resources of `yaml` (multi-document: VirtualService,
-/// DestinationRule, HTTPRoute).
+/// DestinationRule, HTTPRoute). Every service has one endpoint `NAME-0` (labels `app: NAME`), plus one
+/// endpoint `NAME-SUBSET` per DestinationRule subset naming it (the subset's labels), so a real
+/// upstream can tell which subset served a request (by workload name).
 pub(crate) fn world(yaml: &str) -> State {
+    let routing = parse_routing(yaml);
     let mut state = State::default();
     state.namespaces.insert(
         "demo".into(),
@@ -63,23 +66,39 @@ pub(crate) fn world(yaml: &str) -> State {
         ]),
     );
     state.namespaces.insert("other".into(), BTreeMap::new());
+    let mut next_ip = 0u16;
     for (i, (ns, name, ports)) in SERVICES.iter().enumerate() {
         let mut labels = BTreeMap::new();
         if *name == "optout" {
             labels.insert(crate::state::USE_WAYPOINT_LABEL.to_owned(), "none".to_owned());
         }
-        let ep = Arc::new(Workload {
-            name: format!("{name}-0"),
-            namespace: (*ns).into(),
-            service_account: (*name).into(),
-            labels: BTreeMap::from([("app".into(), (*name).into())]),
-            ips: vec![IpAddr::V4(Ipv4Addr::new(10, 1, 0, i as u8 + 1))],
-            node: None,
-            netns: None,
-            captured: true,
-            identity: Identity::new("cluster.local", *ns, *name),
-            workload_name: (*name).into(),
-        });
+        let mut pods = vec![(format!("{name}-0"), BTreeMap::new())];
+        for dr in &routing.destination_rules {
+            let dr_ns = dr.metadata.namespace.as_deref().unwrap_or("default");
+            let host = HostPattern::parse(&dr.spec.host, dr_ns);
+            if host == HostPattern::Exact(format!("{name}.{ns}.{CLUSTER_DOMAIN}")) {
+                pods.extend(dr.spec.subsets.iter().map(|s| (format!("{name}-{}", s.name), s.labels.clone())));
+            }
+        }
+        let mut endpoints = Vec::new();
+        for (pod, mut pod_labels) in pods {
+            next_ip += 1;
+            pod_labels.insert("app".into(), (*name).into());
+            let ep = Arc::new(Workload {
+                name: pod,
+                namespace: (*ns).into(),
+                service_account: (*name).into(),
+                labels: pod_labels,
+                ips: vec![IpAddr::V4(Ipv4Addr::new(10, 1, (next_ip >> 8) as u8, next_ip as u8))],
+                node: None,
+                netns: None,
+                captured: true,
+                identity: Identity::new("cluster.local", *ns, *name),
+                workload_name: (*name).into(),
+            });
+            state.workloads_by_ip.insert(ep.ips[0], ep.clone());
+            endpoints.push(ep);
+        }
         let vip = IpAddr::V4(Ipv4Addr::new(10, 0, 0, i as u8 + 1));
         let svc = Service {
             name: (*name).into(),
@@ -90,10 +109,17 @@ pub(crate) fn world(yaml: &str) -> State {
                 .map(|p| ServicePort { name: None, port: *p, target_port: *p, app_protocol: None })
                 .collect(),
             labels,
-            endpoints: vec![ep.clone()],
+            endpoints,
         };
-        state.workloads_by_ip.insert(ep.ips[0], ep);
         state.services_by_vip.insert(vip, Arc::new(svc));
+    }
+    state.routing = Arc::new(routing);
+    state
+}
+
+fn parse_routing(yaml: &str) -> RoutingConfig {
+    fn parse<T: serde::de::DeserializeOwned>(v: serde_yaml_ng::Value, i: usize, kind: &str) -> T {
+        serde_yaml_ng::from_value(v).unwrap_or_else(|e| panic!("doc {i} ({kind}): {e}"))
     }
     let mut routing = RoutingConfig::default();
     for (i, doc) in serde_yaml_ng::Deserializer::from_str(yaml).enumerate() {
@@ -102,9 +128,6 @@ pub(crate) fn world(yaml: &str) -> State {
             continue;
         }
         let kind = v["kind"].as_str().unwrap_or_default().to_owned();
-        fn parse<T: serde::de::DeserializeOwned>(v: serde_yaml_ng::Value, i: usize, kind: &str) -> T {
-            serde_yaml_ng::from_value(v).unwrap_or_else(|e| panic!("doc {i} ({kind}): {e}"))
-        }
         match kind.as_str() {
             "VirtualService" => routing.virtual_services.push(parse::<VirtualService>(v, i, &kind)),
             "DestinationRule" => routing.destination_rules.push(parse::<DestinationRule>(v, i, &kind)),
@@ -112,8 +135,17 @@ pub(crate) fn world(yaml: &str) -> State {
             other => panic!("doc {i}: unexpected kind {other:?}"),
         }
     }
-    state.routing = Arc::new(routing);
-    state
+    routing
+}
+
+#[test]
+fn world_has_an_endpoint_per_subset() {
+    let state = world(cases::BOOKINFO);
+    let reviews = state.service("demo", "reviews").unwrap();
+    let names: Vec<&str> = reviews.endpoints.iter().map(|w| w.name.as_str()).collect();
+    assert_eq!(names, ["reviews-0", "reviews-v1", "reviews-v2", "reviews-v3"]);
+    assert_eq!(reviews.endpoints[2].labels.get("version").map(String::as_str), Some("v2"));
+    assert_eq!(state.workloads_by_ip.len(), state.services_by_vip.values().map(|s| s.endpoints.len()).sum::<usize>());
 }
 
 /// What a request came to, as the handler would produce it.
