@@ -188,25 +188,30 @@ impl RouteTable {
         let mut errors = Vec::new();
         let mut table = RouteTable::default();
 
-        let mut from_http_routes = gateway::compile_all(&ctx, me, &served, &mut errors);
+        let gateway::Compiled { producer: mut from_http_routes, consumer: mut consumer_routes } =
+            gateway::compile_all(&ctx, me, &served, &mut errors);
         let mut vs_cache = istio::VsCache::default();
         for (key, svc) in &served {
-            if let Some(entries) = from_http_routes.remove(key) {
+            let (source, mut entries) = if let Some(entries) = from_http_routes.remove(key) {
                 if istio::has_virtual_service(state, svc) {
                     tracing::info!(service = %svc.hostname(), "HTTPRoute and VirtualService both name this service; the HTTPRoute is used");
                 }
-                table.insert(key.clone(), ServiceRoutes { source: RouteSource::HttpRoute, entries });
-                continue;
+                (RouteSource::HttpRoute, entries)
+            } else if let Some(entries) = vs_cache.entries_for(&ctx, svc, &mut errors) {
+                (RouteSource::VirtualService, entries)
+            } else {
+                let entry = Entry { m: RequestMatch::default(), route: Arc::new(Route::default_for(svc)) };
+                (RouteSource::Default, vec![entry])
+            };
+            if let Some(mut consumer) = consumer_routes.remove(key) {
+                consumer.append(&mut entries);
+                entries = consumer;
             }
-            if let Some(entries) = vs_cache.entries_for(&ctx, svc, &mut errors) {
-                table.insert(key.clone(), ServiceRoutes { source: RouteSource::VirtualService, entries });
-                continue;
-            }
-            let entry = Entry { m: RequestMatch::default(), route: Arc::new(Route::default_for(svc)) };
-            table.insert(key.clone(), ServiceRoutes { source: RouteSource::Default, entries: vec![entry] });
+            table.insert(key.clone(), ServiceRoutes { source, entries });
         }
         for e in &errors {
-            tracing::warn!(kind = e.kind, namespace = %e.namespace, name = %e.name, field = %e.field, reason = %e.reason, "routing configuration left out");
+            // The caller logs each error once (not on every rebuild).
+            tracing::debug!(kind = e.kind, namespace = %e.namespace, name = %e.name, field = %e.field, reason = %e.reason, "routing configuration left out");
         }
         (table, errors)
     }

@@ -70,15 +70,27 @@ impl RuleErrors<'_> {
     }
 }
 
-/// Entries per served service from every HTTPRoute attached to it, in precedence order. Services
-/// that no HTTPRoute attaches to are absent.
+/// HTTPRoute entries per served service, in precedence order.
+#[derive(Default)]
+pub(super) struct Compiled {
+    /// Routes in the service's own namespace, or on the waypoint Gateway: they replace any
+    /// VirtualService and the default route.
+    pub(super) producer: HashMap<ServiceKey, Vec<Entry>>,
+    /// GAMMA consumer routes (an HTTPRoute in another namespace than the Service it names): only for
+    /// clients in the route's namespace, tried before the service's other routes.
+    pub(super) consumer: HashMap<ServiceKey, Vec<Entry>>,
+}
+
+/// Entries per served service from every HTTPRoute attached to it. Services that no HTTPRoute
+/// attaches to are absent.
 pub(super) fn compile_all(
     ctx: &Ctx<'_>,
     me: &WaypointId,
     served: &BTreeMap<ServiceKey, Arc<Service>>,
     errors: &mut Vec<ConfigError>,
-) -> HashMap<ServiceKey, Vec<Entry>> {
-    let mut per_service: HashMap<ServiceKey, Vec<(Precedence, Entry)>> = HashMap::new();
+) -> Compiled {
+    type Lists = HashMap<ServiceKey, Vec<(Precedence, Entry)>>;
+    let (mut producer, mut consumer): (Lists, Lists) = Default::default();
     for route in &ctx.state.routing.http_routes {
         let attachments = attachments(route, me, served);
         if attachments.is_empty() {
@@ -86,23 +98,38 @@ pub(super) fn compile_all(
         }
         let compiled = compile(ctx, route, errors);
         for (key, port) in attachments {
-            let list = per_service.entry(key).or_default();
+            let is_consumer = key.0 != ns_of(route) && !attaches_to_gateway(route, me);
+            let list = if is_consumer { consumer.entry(key) } else { producer.entry(key) }.or_default();
             for (prec, entry) in &compiled {
                 let mut entry = entry.clone();
                 if port.is_some() {
                     entry.m.port = port;
                 }
+                if is_consumer {
+                    entry.m.source_namespace = Some(ns_of(route).to_owned());
+                }
                 list.push((prec.clone(), entry));
             }
         }
     }
-    per_service
-        .into_iter()
-        .map(|(k, mut v)| {
-            v.sort_by(|a, b| a.0.cmp(&b.0));
-            (k, v.into_iter().map(|(_, e)| e).collect())
-        })
-        .collect()
+    let sorted = |lists: Lists| -> HashMap<ServiceKey, Vec<Entry>> {
+        lists
+            .into_iter()
+            .map(|(k, mut v)| {
+                v.sort_by(|a, b| a.0.cmp(&b.0));
+                (k, v.into_iter().map(|(_, e)| e).collect())
+            })
+            .collect()
+    };
+    Compiled { producer: sorted(producer), consumer: sorted(consumer) }
+}
+
+fn attaches_to_gateway(route: &HTTPRoute, me: &WaypointId) -> bool {
+    route.spec.parent_refs.iter().any(|p| {
+        p.kind.as_deref().unwrap_or("Gateway") == "Gateway"
+            && p.name == me.name
+            && p.namespace.as_deref().unwrap_or(ns_of(route)) == me.namespace
+    })
 }
 
 /// The served services (and parentRef port, if any) `route` attaches to.

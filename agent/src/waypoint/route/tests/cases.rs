@@ -494,6 +494,12 @@ fn parents() -> Scenario {
             req("echo", "/").port(8080).to("b3"),
             req("gw2", "/any").to("b6"),
             req("gw1", "/any").to("gw1"),
+            // a GAMMA consumer route: only for clients in its namespace, before the service's own routes
+            req("b5", "/c").src_ns("other").to("b6"),
+            req("b5", "/c/x").src_ns("other").to("b6"),
+            req("b5", "/d").src_ns("other").to("b5"),
+            req("b5", "/c").src_ns("demo").to("b5"),
+            req("b5", "/c").to("b5"),
         ],
     }
 }
