@@ -150,6 +150,11 @@ pub(crate) async fn fixture(net: u8, extra: &str, bad: Behaviour) -> Fixture {
 }
 
 pub(crate) async fn fixture_with(net: u8, extra: &str, bad: Behaviour, v1: Behaviour) -> Fixture {
+    fixture_full(net, extra, bad, v1, &[]).await
+}
+
+/// `fixture_with`, the pods named in `captured` in the mesh (reached over HBONE on their IP:15008).
+pub(crate) async fn fixture_full(net: u8, extra: &str, bad: Behaviour, v1: Behaviour, captured: &[&str]) -> Fixture {
     // One port for all backends (a Service has one targetPort): take a free one on the first address.
     let probe = std::net::TcpListener::bind((Ipv4Addr::new(127, 0, net, 2), 0)).unwrap();
     let port = probe.local_addr().unwrap().port();
@@ -169,7 +174,17 @@ pub(crate) async fn fixture_with(net: u8, extra: &str, bad: Behaviour, v1: Behav
     let opts =
         FileOptions { trust_domain: TD.into(), node_name: "local".into(), root_namespace: "istio-system".into() };
     let state = file::parse(&mesh(net, port, extra), "test.yaml", &opts).unwrap_or_else(|e| panic!("mesh: {e}"));
-    let mut f = start(on_loopback(state)).await;
+    let mut state = on_loopback(state);
+    for svc in state.services_by_vip.values_mut() {
+        let mut s2 = (**svc).clone();
+        for w in &mut s2.endpoints {
+            if captured.contains(&w.name.as_str()) {
+                Arc::make_mut(w).captured = true;
+            }
+        }
+        *svc = Arc::new(s2);
+    }
+    let mut f = start(state).await;
     f.hits = hits;
     f.port = port;
     f
@@ -549,4 +564,90 @@ spec: {hosts: [ratings], http: [{match: [{headers: {user-agent: {regex: '(unclos
     // The broken VirtualService is left out: ratings still routes by default.
     let mut r = f.h1(RATINGS_VIP).await;
     assert_eq!(r.get("ratings", "/", &[("user-agent", "x")]).await.status, 200);
+}
+
+/// A node agent's HBONE side for tests: mutual TLS as `id`, records the caller's identity, and
+/// connects each CONNECT to its authority in plaintext.
+async fn fake_node_agent(
+    addr: SocketAddr,
+    certs: Arc<CertManager>,
+    id: Identity,
+    seen: Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    let listener = TcpListener::bind(addr).await.unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    let cert = certs.fetch(&id).await.unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config());
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                seen.lock().unwrap().push(identity::peer_identity(tls.get_ref().1).unwrap().to_string());
+                let mut conn = hbone::server_builder().handshake::<_, Bytes>(tls).await.unwrap();
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let dest: SocketAddr = req.uri().authority().unwrap().as_str().parse().unwrap();
+                    let tcp = TcpStream::connect(dest).await.unwrap();
+                    let send = respond.send_response(http::Response::new(()), false).unwrap();
+                    tokio::spawn(hbone::copy(tcp, send, req.into_body()));
+                }
+            });
+        }
+    });
+}
+
+#[tokio::test]
+async fn captured_endpoints_are_reached_over_hbone_with_the_waypoint_identity() {
+    let f = fixture_full(24, "", Behaviour::Ok, Behaviour::Ok, &["reviews-v1", "reviews-v2"]).await;
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let reviews = Identity::new(TD, "demo", "reviews");
+    for host in [2, 3] {
+        let addr = SocketAddr::from(([127, 0, 24, host], crate::waypoint::upstream::HBONE_PORT));
+        fake_node_agent(addr, f.certs.clone(), reviews.clone(), seen.clone()).await;
+    }
+    let mut c = f.h2(REVIEWS_VIP).await;
+    for _ in 0..20 {
+        let r = c.get("reviews", "/", &[]).await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "one pooled HBONE connection per node agent: {seen:?}");
+    assert!(seen.iter().all(|s| s == "spiffe://cluster.local/ns/demo/sa/waypoint"), "{seen:?}");
+    assert_eq!(f.hits("reviews-v1") + f.hits("reviews-v2"), 20);
+}
+
+#[tokio::test]
+async fn an_endpoint_with_the_wrong_identity_is_a_connect_failure() {
+    let vs = "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: demo}\n\
+spec: {hosts: [reviews], http: [{retries: {attempts: 0}, route: [{destination: {host: reviews, subset: v1}}]}]}\n";
+    let f = fixture_full(25, &format!("{SUBSETS}{vs}"), Behaviour::Ok, Behaviour::Ok, &["reviews-v1"]).await;
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let impostor = Identity::new(TD, "demo", "intruder");
+    let addr = SocketAddr::from(([127, 0, 25, 2], crate::waypoint::upstream::HBONE_PORT));
+    fake_node_agent(addr, f.certs.clone(), impostor, seen.clone()).await;
+    let mut c = f.h1(REVIEWS_VIP).await;
+    let r = c.get("reviews", "/", &[]).await;
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.body.contains("connection failure"), "{r:?}");
+    assert_eq!(f.hits("reviews-v1"), 0);
+}
+
+#[tokio::test]
+async fn the_plaintext_front_door_routes_by_host() {
+    let vs = "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: demo}\n\
+spec: {hosts: [reviews], http: [{match: [{headers: {end-user: {exact: jason}}}], route: [{destination: {host: reviews, subset: v2}}]}, {route: [{destination: {host: reviews, subset: v1}}]}]}\n";
+    let f = fixture(26, &format!("{SUBSETS}{vs}"), Behaviour::Ok).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(f.waypoint.clone().serve_http(listener, f.drain.clone()));
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(TcpStream::connect(addr).await.unwrap())).await.unwrap();
+    tokio::spawn(conn);
+    let mut c = Client::H1(sender);
+    for host in ["reviews", "reviews.demo", "reviews.demo.svc.cluster.local", "reviews.demo.svc.cluster.local:9080"] {
+        assert_eq!(c.get(host, "/", &[("end-user", "jason")]).await.served_by(), "reviews-v2", "{host}");
+        assert_eq!(c.get(host, "/", &[]).await.served_by(), "reviews-v1", "{host}");
+    }
+    assert_eq!(c.get("nosuch.demo", "/", &[]).await.status, 404);
+    assert_eq!(c.get("reviews:1234", "/", &[]).await.status, 404);
 }
