@@ -362,6 +362,15 @@ impl Clusters {
         self.get_for(&dest.service, dest.subset.as_deref(), port)
     }
 
+    /// Every cluster built so far, by name (config dump).
+    pub fn all(&self) -> Vec<Arc<Cluster>> {
+        let snap = self.snapshot.load();
+        let mut out: Vec<Arc<Cluster>> =
+            snap.clusters.values().flat_map(|m| m.values()).flatten().map(|b| b.cluster.clone()).collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
     /// `get` by parts: the service, the DestinationRule subset name and the service port.
     pub fn get_for(&self, service: &Arc<Service>, subset: Option<&str>, port: u16) -> Arc<Cluster> {
         if let Some(b) = find(&self.snapshot.load(), &service.namespace, &service.name, subset, port) {

@@ -323,9 +323,15 @@ fn pool(p: &ConnectionPoolSettings, field: &str, errs: &mut Errors<'_>) -> Optio
 fn outlier(o: &OutlierDetection, field: &str, errs: &mut Errors<'_>) -> Option<OutlierPolicy> {
     let before = errs.out.len();
     let mut p = OutlierPolicy::default();
-    let consecutive = o.consecutive_5xx_errors.or(o.consecutive_errors);
-    let c_field = if o.consecutive_5xx_errors.is_some() { "consecutive5xxErrors" } else { "consecutiveErrors" };
-    if let Ok(Some(n)) = count(consecutive, &format!("{field}.{c_field}"), u32::MAX as i64, errs) {
+    // The deprecated `consecutiveErrors` only ever counted gateway errors (istio/api#617): Istio
+    // turns it into the gateway detector and switches the 5xx one off unless set explicitly.
+    if let Ok(Some(n)) = count(o.consecutive_errors, &format!("{field}.consecutiveErrors"), u32::MAX as i64, errs) {
+        if n > 0 {
+            p.consecutive_gateway = n;
+            p.consecutive_5xx = 0;
+        }
+    }
+    if let Ok(Some(n)) = count(o.consecutive_5xx_errors, &format!("{field}.consecutive5xxErrors"), u32::MAX as i64, errs) {
         p.consecutive_5xx = n;
     }
     if let Ok(Some(n)) = count(o.consecutive_gateway_errors, &format!("{field}.consecutiveGatewayErrors"), u32::MAX as i64, errs) {
@@ -503,6 +509,20 @@ spec:
         assert_eq!(r.subsets[0].labels["version"], "v1");
         let top = r.top.as_ref().unwrap();
         assert_eq!((top.lb.clone(), top.pool, top.outlier, top.ports.len()), (None, None, None, 0));
+    }
+
+    #[test]
+    fn outlier_defaults_and_the_deprecated_consecutive_errors() {
+        let mut errs = Errors { namespace: "demo", name: "x", out: Vec::new() };
+        let empty = outlier(&OutlierDetection::default(), "f", &mut errs).unwrap();
+        assert_eq!(empty, OutlierPolicy::default());
+        assert_eq!((empty.consecutive_5xx, empty.consecutive_gateway, empty.max_ejection_percent), (5, 0, 10));
+        let old = OutlierDetection { consecutive_errors: Some(3), max_ejection_percent: Some(0), ..Default::default() };
+        let p = outlier(&old, "f", &mut errs).unwrap();
+        assert_eq!((p.consecutive_5xx, p.consecutive_gateway, p.max_ejection_percent), (0, 3, 10));
+        let both = OutlierDetection { consecutive_errors: Some(3), consecutive_5xx_errors: Some(7), ..Default::default() };
+        assert_eq!(outlier(&both, "f", &mut errs).unwrap().consecutive_5xx, 7);
+        assert_eq!(errs.out, []);
     }
 
     #[test]

@@ -351,6 +351,33 @@ async fn concurrent_tasks_respect_the_connection_limit() {
     assert_eq!(ok, 15);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn request_limit_holds_across_threads() {
+    let c = Arc::new(pool(10, u32::MAX, u32::MAX));
+    let running = Arc::new(AtomicU32::new(0));
+    let peak = Arc::new(AtomicU32::new(0));
+    let tasks: Vec<_> = (0..400)
+        .map(|_| {
+            let (c, running, peak) = (c.clone(), running.clone(), peak.clone());
+            tokio::spawn(async move {
+                let Ok(_a) = c.admit().await else { return false };
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                running.fetch_sub(1, Ordering::SeqCst);
+                true
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        ok += tokio::time::timeout(Duration::from_secs(10), t).await.unwrap().unwrap() as u32;
+    }
+    assert!(peak.load(Ordering::SeqCst) <= 10, "peak {}", peak.load(Ordering::SeqCst));
+    assert!(ok >= 10, "at least the first 10 run: {ok}");
+    assert_eq!(c.load(), (0, 0), "every slot released");
+}
+
 fn outlier(consecutive_5xx: u32, max_ejection_percent: u32) -> Policy {
     Policy {
         lb: LbPolicy::RoundRobin,
