@@ -140,6 +140,9 @@ fn check_typed(v: &Value, file: &str) {
         (Some("security.istio.io/v1"), Some("PeerAuthentication")) => {
             typed::<weft::crd::PeerAuthentication>(v, &what);
         }
+        (Some("gateway.networking.k8s.io/v1"), Some("Gateway")) => {
+            typed::<weft::crd::Gateway>(v, &what);
+        }
         other => panic!("{what}: {other:?} is not a kind this test knows; add its type to check_typed"),
     }
 }
@@ -534,10 +537,31 @@ fn leaf_values(v: &serde_yaml_ng::Value, prefix: &str, out: &mut BTreeMap<String
 }
 
 /// Renders a template as Helm would: the templates use only `{{ .Values.<path> }}`, inside quoted
-/// YAML strings (checked here), so rendering is substitution. Returns the text and the paths used.
+/// YAML strings (checked here), so rendering is substitution, and whole optional files wrapped in
+/// `{{- if .Values.<path> }}` … `{{- end }}` (a boolean value). Returns the text and the paths used.
 fn render(template: &str, values: &BTreeMap<String, String>, file: &str) -> (String, BTreeSet<String>) {
     let mut out = String::new();
     let mut used = BTreeSet::new();
+    let mut template = template;
+    let body;
+    if let Some(start) = template.find("{{- if .Values.") {
+        let after = &template[start + "{{- if .Values.".len()..];
+        let (path, inner) = after.split_once(" }}\n").unwrap_or_else(|| panic!("{file}: malformed if"));
+        let inner = inner.strip_suffix("{{- end }}\n").unwrap_or_else(|| panic!("{file}: the if must wrap the file"));
+        assert!(!inner.contains("{{- "), "{file}: one if per file");
+        let value = values.get(path).unwrap_or_else(|| panic!("{file}: if names no value in values.yaml"));
+        used.insert(path.to_owned());
+        match value.as_str() {
+            "true" => body = format!("{}{inner}", &template[..start]),
+            "false" => {
+                // Values used only inside the block are still used (and must be well placed).
+                used.extend(render(inner, values, file).1);
+                return (template[..start].to_owned(), used);
+            }
+            other => panic!("{file}: {path} is {other:?}, not a boolean"),
+        }
+        template = &body;
+    }
     let mut rest = template;
     while let Some(start) = rest.find("{{") {
         out.push_str(&rest[..start]);
@@ -552,9 +576,12 @@ fn render(template: &str, values: &BTreeMap<String, String>, file: &str) -> (Str
                 panic!("{file}: {action} is template syntax this renderer (and the chart) does not use")
             });
         let line_start = out.rfind('\n').map_or(0, |i| i + 1);
+        let line = &out[line_start..];
+        // Quoted, or after a literal prefix (`name: weft-waypoint-{{ … }}`), which keeps it a string.
+        let prefixed = line.rsplit_once(": ").is_some_and(|(_, p)| p.starts_with(|c: char| c.is_ascii_alphabetic()));
         assert!(
-            out[line_start..].contains(": '") || out[line_start..].contains("- '"),
-            "{file}: {action} must sit inside a quoted YAML string so any value stays a string"
+            line.contains(": '") || line.contains("- '") || prefixed,
+            "{file}: {action} must sit inside a quoted YAML string (or after a literal prefix) so any value stays a string"
         );
         let value = values.get(path).unwrap_or_else(|| panic!("{file}: {action} names no value in values.yaml"));
         assert!(!value.contains('\''), "value {path} contains a single quote, which would end the YAML string");
@@ -644,6 +671,56 @@ fn changed_values_reach_the_objects() {
         let c = pod.containers.iter().find(|c| c.name == name).unwrap();
         assert_eq!(env(c, weft::config::TRUST_DOMAIN_ENV), Some("example.org"), "{name}");
     }
+}
+
+#[test]
+fn the_waypoint_switch_deploys_what_weft_ctl_creates() {
+    let mut vals = default_values();
+    assert_eq!(vals["waypoint.enabled"], "false");
+    let (off, _) = render_chart(&vals);
+    assert!(!off.iter().any(|d| d["kind"] == "Gateway"), "no waypoint by default");
+    vals.insert("waypoint.enabled".into(), "true".into());
+    vals.insert("waypoint.namespace".into(), "bookinfo".into());
+    vals.insert("waypoint.name".into(), "reviews-wp".into());
+    let (chart, _) = render_chart(&vals);
+    for d in &chart {
+        check_typed(d, "rendered chart with a waypoint");
+    }
+    let w = weft::ctl::Waypoint {
+        namespace: "bookinfo".into(),
+        name: "reviews-wp".into(),
+        image: format!("{}:{}", vals["image.repository"], vals["image.tag"]),
+        trust_domain: vals["trustDomain"].clone(),
+    };
+    let want = w.objects(false);
+    let gw: weft::crd::Gateway = typed(find(&chart, "Gateway", "reviews-wp"), "Gateway");
+    assert_eq!(gw, want.gateway);
+    let svc: Service = typed(find(&chart, "Service", "reviews-wp"), "Service");
+    assert_eq!(svc, want.service);
+    let sa: ServiceAccount = typed(find(&chart, "ServiceAccount", "reviews-wp"), "ServiceAccount");
+    assert_eq!(sa, want.service_account);
+    let b: ClusterRoleBinding = typed(find(&chart, "ClusterRoleBinding", &w.binding_name()), "ClusterRoleBinding");
+    assert_eq!(b, want.cluster_role_binding);
+    assert!(chart.iter().any(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == b.role_ref.name));
+    let dep: Deployment = typed(find(&chart, "Deployment", "reviews-wp"), "Deployment");
+    let c = &dep.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0];
+    let want_c = &want.deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0];
+    assert_eq!(
+        (&c.image, &c.args, &c.ports, &c.volume_mounts),
+        (&want_c.image, &want_c.args, &want_c.ports, &want_c.volume_mounts)
+    );
+    assert_eq!(c.image_pull_policy.as_deref(), Some(vals["image.pullPolicy"].as_str()));
+    assert_eq!(env(c, "RUST_LOG"), Some(vals["logLevel"].as_str()));
+    // The args are what `weft waypoint` accepts.
+    #[derive(Parser)]
+    struct WaypointCli {
+        #[command(flatten)]
+        w: weft::config::WaypointArgs,
+    }
+    let mut argv = vec!["weft".to_owned()];
+    argv.extend(c.args.iter().flatten().skip(1).cloned());
+    let parsed = WaypointCli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    assert_eq!((parsed.w.namespace.as_str(), parsed.w.name.as_str()), ("bookinfo", "reviews-wp"));
 }
 
 #[test]

@@ -4,7 +4,8 @@
 //! The mechanism: the typed objects are built twice, once with [`Values::helm`] (placeholders such as
 //! `{{ .Values.image.tag }}` inside YAML strings) into the chart's templates, once with
 //! [`Values::defaults`] into the plain manifests, and values.yaml is written from the same
-//! [`VALUES`] table. The only template syntax is `{{ .Values.<path> }}` inside quoted strings, so
+//! [`VALUES`] table. The only template syntax is `{{ .Values.<path> }}` inside quoted strings, plus
+//! whole optional files wrapped in `{{- if .Values.<boolean> }}` … `{{- end }}` (the waypoint), so
 //! rendering a template is substituting values, which the sync test in tests/tests/deploy.rs does.
 //! Owns: file names and layout, headers, Chart.yaml, values.yaml, kustomization.yaml.
 
@@ -55,6 +56,12 @@ pub fn files() -> Result<BTreeMap<String, String>> {
     for (file, docs) in templates {
         out.insert(format!("{CHART_TEMPLATES_DIR}/{file}"), format!("{}{}", header(SOURCE), docs.join("---\n")));
     }
+    // Off by default, so absent from the plain manifests.
+    let waypoint: Vec<String> = manifests::waypoint_objects(&Values::helm())?.into_iter().map(|d| d.yaml).collect();
+    out.insert(
+        format!("{CHART_TEMPLATES_DIR}/waypoint-instance.yaml"),
+        format!("{}{{{{- if .Values.waypoint.enabled }}}}\n{}{{{{- end }}}}\n", header(SOURCE), waypoint.join("---\n")),
+    );
 
     out.insert(format!("{CHART_DIR}/Chart.yaml"), chart_yaml()?);
     out.insert(format!("{CHART_DIR}/values.yaml"), values_yaml()?);
@@ -88,8 +95,11 @@ fn values_yaml() -> Result<String> {
     let mut out = header(SOURCE);
     let mut group: Option<&str> = None;
     for v in &VALUES {
-        let scalar = serde_yaml_ng::to_string(v.default)?;
-        let scalar = scalar.trim_end();
+        let scalar = if manifests::BOOLEAN_VALUES.contains(&v.path) {
+            v.default.parse::<bool>().context("a boolean value's default")?.to_string()
+        } else {
+            serde_yaml_ng::to_string(v.default)?.trim_end().to_owned()
+        };
         match v.path.split_once('.') {
             Some((parent, key)) => {
                 if group != Some(parent) {

@@ -35,7 +35,7 @@ pub const NAMESPACE: &str = ca_server::DEFAULT_NAMESPACE;
 pub const NODE: &str = "weft-node";
 pub const CA: &str = "weft-ca";
 /// The ClusterRole every waypoint's ServiceAccount is bound to.
-pub const WAYPOINT: &str = "weft-waypoint";
+pub const WAYPOINT: &str = weft::ctl::WAYPOINT_CLUSTER_ROLE;
 /// The binary's path in the image (deploy/Dockerfile).
 pub const BINARY: &str = "/usr/local/bin/weft";
 /// Where host directories appear inside the node agent's containers when their own path is taken
@@ -57,9 +57,8 @@ pub struct ValueDef {
     pub doc: &'static str,
 }
 
-/// Every chart value, in values.yaml order. Only values that map to something real: a switch for
-/// waypoints is absent because `weft waypoint` does not exist yet.
-pub const VALUES: [ValueDef; 5] = [
+/// Every chart value, in values.yaml order. Only values that map to something real.
+pub const VALUES: [ValueDef; 8] = [
     ValueDef {
         path: "trustDomain",
         default: config::DEFAULT_TRUST_DOMAIN,
@@ -77,7 +76,21 @@ pub const VALUES: [ValueDef; 5] = [
         default: "info",
         doc: "RUST_LOG filter of every weft container, e.g. info or info,weft::policy=debug.",
     },
+    ValueDef {
+        path: "waypoint.enabled",
+        default: "false",
+        doc: "Also deploy one waypoint (what `weft ctl waypoint apply -n <namespace> --name <name>` creates); label namespaces or services istio.io/use-waypoint=<name> to use it. Install the Gateway API CRDs first.",
+    },
+    ValueDef { path: "waypoint.namespace", default: "default", doc: "Namespace of the waypoint (must exist)." },
+    ValueDef {
+        path: "waypoint.name",
+        default: weft::ctl::DEFAULT_WAYPOINT_NAME,
+        doc: "Name of its Gateway, Service, ServiceAccount and Deployment.",
+    },
 ];
+
+/// Values that are booleans in values.yaml (the rest are strings).
+pub const BOOLEAN_VALUES: [&str; 1] = ["waypoint.enabled"];
 
 /// The templated strings the objects are built with.
 #[derive(Debug, Clone)]
@@ -87,6 +100,8 @@ pub struct Values {
     pub image: String,
     pub pull_policy: String,
     pub log_level: String,
+    pub waypoint_namespace: String,
+    pub waypoint_name: String,
 }
 
 impl Values {
@@ -108,6 +123,8 @@ impl Values {
             image: format!("{}:{}", value("image.repository"), value("image.tag")),
             pull_policy: value("image.pullPolicy"),
             log_level: value("logLevel"),
+            waypoint_namespace: value("waypoint.namespace"),
+            waypoint_name: value("waypoint.name"),
         }
     }
 }
@@ -139,6 +156,31 @@ pub fn objects(v: &Values) -> Result<Vec<Doc>> {
         doc("ca.yaml", &ca_deployment(v, &w))?,
         doc("ca.yaml", &ca_service(&w))?,
         doc("waypoint.yaml", &waypoint_cluster_role())?,
+    ])
+}
+
+/// The optional waypoint (chart value `waypoint.enabled`): exactly the objects `weft ctl waypoint
+/// apply` creates, with the chart's image, pull policy and log level. Not in the plain manifests.
+pub fn waypoint_objects(v: &Values) -> Result<Vec<Doc>> {
+    let w = weft::ctl::Waypoint {
+        namespace: v.waypoint_namespace.clone(),
+        name: v.waypoint_name.clone(),
+        image: v.image.clone(),
+        trust_domain: v.trust_domain.clone(),
+    };
+    let mut o = w.objects(false);
+    for c in o.deployment.spec.iter_mut().flat_map(|s| s.template.spec.iter_mut()).flat_map(|p| p.containers.iter_mut())
+    {
+        c.image_pull_policy = Some(v.pull_policy.clone());
+        c.env.get_or_insert_with(Vec::new).push(env("RUST_LOG", &v.log_level));
+    }
+    const T: &str = "waypoint-instance.yaml";
+    Ok(vec![
+        doc(T, &o.service_account)?,
+        doc(T, &o.cluster_role_binding)?,
+        doc(T, &o.gateway)?,
+        doc(T, &o.deployment)?,
+        doc(T, &o.service)?,
     ])
 }
 
