@@ -5,7 +5,7 @@
 //!
 //! Owns starting, readiness and scrapes; it asserts nothing about the waypoint's behaviour.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -14,7 +14,7 @@ use nix::sys::signal::Signal;
 use crate::metrics::Metrics;
 use crate::process::{Background, Io};
 use crate::topology::{Pod, Topology};
-use crate::{poll, read_lossy, tail, weft_bin};
+use crate::{poll, read_lossy, tail};
 
 /// Label Istio puts on a waypoint's pods (and selects its Service with).
 pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
@@ -27,8 +27,9 @@ pub struct Waypoint {
 }
 
 impl Waypoint {
-    /// Starts `weft waypoint` for Gateway `namespace/name` in `pod` and waits until it is ready.
-    pub fn start(topo: &Topology, pod: &str, namespace: &str, name: &str) -> Result<Waypoint> {
+    /// Starts `weft waypoint` (the binary `bin`, e.g. [`crate::weft_bin`]) for Gateway
+    /// `namespace/name` in `pod` and waits until it is ready.
+    pub fn start(topo: &Topology, bin: &Path, pod: &str, namespace: &str, name: &str) -> Result<Waypoint> {
         let pod = topo.pod(pod).clone();
         let state = topo.dir().join("state");
         std::fs::create_dir_all(&state)?;
@@ -37,7 +38,7 @@ impl Waypoint {
             "netns",
             "exec",
             &pod.netns,
-            &weft_bin().display().to_string(),
+            &bin.display().to_string(),
             "waypoint",
             "--config",
             &topo.mesh_path().display().to_string(),
