@@ -270,7 +270,7 @@ fn load_balancer(lb: &LoadBalancerSettings, field: &str, errs: &mut Errors<'_>) 
 }
 
 fn is_prime(n: usize) -> bool {
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
 }
 
 fn pool(p: &ConnectionPoolSettings, field: &str, errs: &mut Errors<'_>) -> Option<(PoolLimits, UpstreamSettings)> {
@@ -325,11 +325,9 @@ fn outlier(o: &OutlierDetection, field: &str, errs: &mut Errors<'_>) -> Option<O
     let mut p = OutlierPolicy::default();
     // The deprecated `consecutiveErrors` only ever counted gateway errors (istio/api#617): Istio
     // turns it into the gateway detector and switches the 5xx one off unless set explicitly.
-    if let Ok(Some(n)) = count(o.consecutive_errors, &format!("{field}.consecutiveErrors"), u32::MAX as i64, errs) {
-        if n > 0 {
-            p.consecutive_gateway = n;
-            p.consecutive_5xx = 0;
-        }
+    if let Ok(Some(n @ 1..)) = count(o.consecutive_errors, &format!("{field}.consecutiveErrors"), u32::MAX as i64, errs) {
+        p.consecutive_gateway = n;
+        p.consecutive_5xx = 0;
     }
     if let Ok(Some(n)) = count(o.consecutive_5xx_errors, &format!("{field}.consecutive5xxErrors"), u32::MAX as i64, errs) {
         p.consecutive_5xx = n;
@@ -350,10 +348,8 @@ fn outlier(o: &OutlierDetection, field: &str, errs: &mut Errors<'_>) -> Option<O
         }
     }
     // Istio keeps Envoy's 10% when maxEjectionPercent is 0 or unset.
-    if let Ok(Some(n)) = count(o.max_ejection_percent.map(i64::from), &format!("{field}.maxEjectionPercent"), 100, errs) {
-        if n > 0 {
-            p.max_ejection_percent = n;
-        }
+    if let Ok(Some(n @ 1..)) = count(o.max_ejection_percent.map(i64::from), &format!("{field}.maxEjectionPercent"), 100, errs) {
+        p.max_ejection_percent = n;
     }
     if let Ok(Some(n)) = count(o.min_health_percent.map(i64::from), &format!("{field}.minHealthPercent"), 100, errs) {
         p.min_health_percent = n;
