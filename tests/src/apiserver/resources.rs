@@ -107,6 +107,17 @@ pub static TYPES: &[ResourceType] = &[
         ..rt("", V1, "Node", "nodes", "node", false, true)
     },
     rt("discovery.k8s.io", V1, "EndpointSlice", "endpointslices", "endpointslice", true, false),
+    // What `weft ctl waypoint apply` writes.
+    rt("apps", V1, "Deployment", "deployments", "deployment", true, true),
+    rt(
+        "rbac.authorization.k8s.io",
+        V1,
+        "ClusterRoleBinding",
+        "clusterrolebindings",
+        "clusterrolebinding",
+        false,
+        false,
+    ),
     ResourceType {
         short_names: &["ev"],
         fields: &[
