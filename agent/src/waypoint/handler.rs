@@ -359,6 +359,8 @@ impl Chain {
         }
 
         let mut resp = self.forward(&route, wd, d, parts, &mut body, record).await?;
+        // The downstream connection has its own version (an HTTP/1.0 upstream must not downgrade it).
+        *resp.version_mut() = http::Version::default();
         strip_hop_by_hop(resp.headers_mut());
         for (k, v) in &passed.response_headers {
             resp.headers_mut().append(k.clone(), v.clone());
@@ -390,6 +392,8 @@ impl Chain {
         let query = parts.uri.query();
         let mut last = Outcome::ConnectFailure;
         let mut tried = Vec::with_capacity(1);
+        // Held while a retry is in flight.
+        let mut _retry_permit = None;
         for attempt in 0..=retries {
             if attempt > 0 {
                 let max = RETRY_BACKOFF * (1u32 << (attempt - 1).min(3));
@@ -445,9 +449,15 @@ impl Chain {
             cluster.report(&endpoint, &outcome);
             let overall_expired = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
             if attempt < retries && !overall_expired && route.retry.on.should_retry(&outcome) {
-                tracing::debug!(attempt, upstream = %endpoint.addr, ?outcome, "retrying");
-                last = outcome;
-                continue;
+                // connectionPool.http.maxRetries: retries in flight across the cluster; when none is
+                // left this answer stands (Envoy counts it as upstream_rq_retry_overflow).
+                if let Some(permit) = cluster.retry_permit() {
+                    tracing::debug!(attempt, upstream = %endpoint.addr, ?outcome, "retrying");
+                    _retry_permit = Some(permit);
+                    last = outcome;
+                    continue;
+                }
+                tracing::debug!(upstream = %endpoint.addr, ?outcome, "retry not taken: maxRetries in flight");
             }
             return match result {
                 Ok(mut resp) => {
