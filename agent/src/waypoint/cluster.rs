@@ -166,7 +166,12 @@ impl Cluster {
         let (i, set_cookie) = self.balancer.pick(&self.hosts, &usable, key)?;
         let host = self.hosts[i].clone();
         host.active.fetch_add(1, Ordering::AcqRel);
-        Some(Endpoint { workload: host.workload.clone(), addr: host.addr, set_cookie, active: Arc::new(ActiveRequest(host)) })
+        Some(Endpoint {
+            workload: host.workload.clone(),
+            addr: host.addr,
+            set_cookie,
+            active: Arc::new(ActiveRequest(host)),
+        })
     }
 
     /// Feeds outlier detection with how one attempt to `endpoint` ended.
@@ -336,7 +341,8 @@ impl Clusters {
                 .unwrap_or_default();
             let mut keys = seen;
             if served {
-                let subsets = lookup(&next.rules, &svc.namespace, &svc.name).map(|r| r.subsets.clone()).unwrap_or_default();
+                let subsets =
+                    lookup(&next.rules, &svc.namespace, &svc.name).map(|r| r.subsets.clone()).unwrap_or_default();
                 for p in &svc.ports {
                     keys.push((None, p.port));
                     keys.extend(subsets.iter().map(|s| (Some(s.name.clone()), p.port)));
@@ -415,7 +421,11 @@ fn endpoint_addr(w: &Workload, target_port: u16) -> Option<SocketAddr> {
 fn build(rules: &RulesMap, svc: &Arc<Service>, subset: Option<&str>, port: u16, previous: Option<&Built>) -> Built {
     let r = lookup(rules, &svc.namespace, &svc.name);
     let chosen = subset.map(|name| r.and_then(|r| r.subsets.iter().find(|s| s.name == name)));
-    let policy = policy::PolicyParts::effective(r.and_then(|r| r.top.as_ref()), chosen.flatten().and_then(|s| s.policy.as_ref()), port);
+    let policy = policy::PolicyParts::effective(
+        r.and_then(|r| r.top.as_ref()),
+        chosen.flatten().and_then(|s| s.policy.as_ref()),
+        port,
+    );
     let target = svc.target_port(port).unwrap_or_else(|| {
         tracing::debug!(service = %svc.hostname(), port, "port not on the service: dialling the same port on endpoints");
         port

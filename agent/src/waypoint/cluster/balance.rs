@@ -7,8 +7,8 @@
 
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::HeaderValue;
@@ -69,7 +69,12 @@ impl Balancer {
     }
 
     /// Index into `hosts` of the chosen host, plus a cookie to set when the hash policy made one.
-    pub(super) fn pick(&self, hosts: &[Arc<Host>], usable: &Usable<'_>, key: &HashKey<'_>) -> Option<(usize, Option<HeaderValue>)> {
+    pub(super) fn pick(
+        &self,
+        hosts: &[Arc<Host>],
+        usable: &Usable<'_>,
+        key: &HashKey<'_>,
+    ) -> Option<(usize, Option<HeaderValue>)> {
         if usable.idx.is_empty() {
             return None;
         }

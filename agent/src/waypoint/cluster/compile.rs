@@ -12,14 +12,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::policy::{
-    HashSource, HashTable, LbPolicy, OutlierPolicy, PolicyParts, PoolLimits, UpstreamSettings, DEFAULT_MAGLEV_TABLE_SIZE,
-    DEFAULT_RING_SIZE,
+    DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_RING_SIZE, HashSource, HashTable, LbPolicy, OutlierPolicy, PolicyParts,
+    PoolLimits, UpstreamSettings,
 };
 use super::{RulesMap, ServiceRules, Subset};
+use crate::crd::DestinationRule;
 use crate::crd::networking::{
     ConnectionPoolSettings, H2UpgradePolicy, LoadBalancerSettings, OutlierDetection, SimpleLb, TrafficPolicy,
 };
-use crate::crd::DestinationRule;
 use crate::state::State;
 use crate::waypoint::{ConfigError, WaypointId};
 
@@ -84,8 +84,22 @@ pub(super) fn compile(state: &State, me: &WaypointId) -> (RulesMap, Vec<ConfigEr
         }
         let rank = |c: &Compiled| {
             let exact = if c.host == fqdn { 0 } else { 1 };
-            let ns = if c.namespace == me.namespace { 0 } else if c.namespace == svc.namespace { 1 } else { 2 };
-            (exact, std::cmp::Reverse(c.host.len()), ns, c.created.is_none(), c.created.clone(), c.namespace.clone(), c.name.clone())
+            let ns = if c.namespace == me.namespace {
+                0
+            } else if c.namespace == svc.namespace {
+                1
+            } else {
+                2
+            };
+            (
+                exact,
+                std::cmp::Reverse(c.host.len()),
+                ns,
+                c.created.is_none(),
+                c.created.clone(),
+                c.namespace.clone(),
+                c.name.clone(),
+            )
         };
         candidates.sort_by_key(|c| rank(c));
         let best = candidates[0];
@@ -159,7 +173,10 @@ fn parts(tp: &TrafficPolicy, field: &str, with_ports: bool, errs: &mut Errors<'_
         let port = match p.port.as_ref().and_then(|s| s.number) {
             Some(n) if (1..=65535).contains(&n) => n as u16,
             other => {
-                errs.push(format!("{f}.port.number"), format!("{other:?} is not a port number (1-65535); the entry is ignored"));
+                errs.push(
+                    format!("{f}.port.number"),
+                    format!("{other:?} is not a port number (1-65535); the entry is ignored"),
+                );
                 continue;
             }
         };
@@ -252,16 +269,22 @@ fn load_balancer(lb: &LoadBalancerSettings, field: &str, errs: &mut Errors<'_>) 
                 );
                 return None;
             }
-            let number = |v: &Option<serde_json::Value>, key: &str| v.as_ref().and_then(|j| j.get(key)).and_then(|n| n.as_u64());
+            let number =
+                |v: &Option<serde_json::Value>, key: &str| v.as_ref().and_then(|j| j.get(key)).and_then(|n| n.as_u64());
             let table = if ch.maglev.is_some() {
                 let size = number(&ch.maglev, "tableSize").map_or(DEFAULT_MAGLEV_TABLE_SIZE, |n| n as usize);
                 if !is_prime(size) || size > 5_000_011 {
-                    errs.push(format!("{f}.maglev.tableSize"), format!("{size} must be a prime up to 5000011{ignored}"));
+                    errs.push(
+                        format!("{f}.maglev.tableSize"),
+                        format!("{size} must be a prime up to 5000011{ignored}"),
+                    );
                     return None;
                 }
                 HashTable::Maglev { table_size: size }
             } else {
-                let size = number(&ch.ring_hash, "minimumRingSize").or(ch.minimum_ring_size).map_or(DEFAULT_RING_SIZE, |n| n as usize);
+                let size = number(&ch.ring_hash, "minimumRingSize")
+                    .or(ch.minimum_ring_size)
+                    .map_or(DEFAULT_RING_SIZE, |n| n as usize);
                 HashTable::Ring { minimum_size: size.clamp(1, 8 * 1024 * 1024) }
             };
             Some(LbPolicy::ConsistentHash { source: sources.remove(0), table })
@@ -282,7 +305,9 @@ fn pool(p: &ConnectionPoolSettings, field: &str, errs: &mut Errors<'_>) -> Optio
     let limit = |v: Option<u32>| v.filter(|&n| n > 0);
     if let Some(tcp) = &p.tcp {
         let f = format!("{field}.tcp");
-        if let Ok(Some(n)) = count(tcp.max_connections.map(i64::from), &format!("{f}.maxConnections"), max, errs).map(limit) {
+        if let Ok(Some(n)) =
+            count(tcp.max_connections.map(i64::from), &format!("{f}.maxConnections"), max, errs).map(limit)
+        {
             limits.max_connections = n;
         }
         if let Ok(Some(d)) = duration(tcp.connect_timeout.as_ref(), &format!("{f}.connectTimeout"), errs) {
@@ -295,13 +320,20 @@ fn pool(p: &ConnectionPoolSettings, field: &str, errs: &mut Errors<'_>) -> Optio
     }
     if let Some(h) = &p.http {
         let f = format!("{field}.http");
-        if let Ok(Some(n)) = count(h.http1_max_pending_requests.map(i64::from), &format!("{f}.http1MaxPendingRequests"), max, errs).map(limit) {
+        if let Ok(Some(n)) =
+            count(h.http1_max_pending_requests.map(i64::from), &format!("{f}.http1MaxPendingRequests"), max, errs)
+                .map(limit)
+        {
             limits.max_pending = n;
         }
-        if let Ok(Some(n)) = count(h.http2_max_requests.map(i64::from), &format!("{f}.http2MaxRequests"), max, errs).map(limit) {
+        if let Ok(Some(n)) =
+            count(h.http2_max_requests.map(i64::from), &format!("{f}.http2MaxRequests"), max, errs).map(limit)
+        {
             limits.max_requests = n;
         }
-        if let Ok(n) = count(h.max_requests_per_connection.map(i64::from), &format!("{f}.maxRequestsPerConnection"), max, errs) {
+        if let Ok(n) =
+            count(h.max_requests_per_connection.map(i64::from), &format!("{f}.maxRequestsPerConnection"), max, errs)
+        {
             up.max_requests_per_connection = limit(n);
         }
         if let Ok(n) = count(h.max_retries.map(i64::from), &format!("{f}.maxRetries"), max, errs) {
@@ -325,14 +357,19 @@ fn outlier(o: &OutlierDetection, field: &str, errs: &mut Errors<'_>) -> Option<O
     let mut p = OutlierPolicy::default();
     // The deprecated `consecutiveErrors` only ever counted gateway errors (istio/api#617): Istio
     // turns it into the gateway detector and switches the 5xx one off unless set explicitly.
-    if let Ok(Some(n @ 1..)) = count(o.consecutive_errors, &format!("{field}.consecutiveErrors"), u32::MAX as i64, errs) {
+    if let Ok(Some(n @ 1..)) = count(o.consecutive_errors, &format!("{field}.consecutiveErrors"), u32::MAX as i64, errs)
+    {
         p.consecutive_gateway = n;
         p.consecutive_5xx = 0;
     }
-    if let Ok(Some(n)) = count(o.consecutive_5xx_errors, &format!("{field}.consecutive5xxErrors"), u32::MAX as i64, errs) {
+    if let Ok(Some(n)) =
+        count(o.consecutive_5xx_errors, &format!("{field}.consecutive5xxErrors"), u32::MAX as i64, errs)
+    {
         p.consecutive_5xx = n;
     }
-    if let Ok(Some(n)) = count(o.consecutive_gateway_errors, &format!("{field}.consecutiveGatewayErrors"), u32::MAX as i64, errs) {
+    if let Ok(Some(n)) =
+        count(o.consecutive_gateway_errors, &format!("{field}.consecutiveGatewayErrors"), u32::MAX as i64, errs)
+    {
         p.consecutive_gateway = n;
     }
     for (value, name, slot) in [
@@ -348,7 +385,9 @@ fn outlier(o: &OutlierDetection, field: &str, errs: &mut Errors<'_>) -> Option<O
         }
     }
     // Istio keeps Envoy's 10% when maxEjectionPercent is 0 or unset.
-    if let Ok(Some(n @ 1..)) = count(o.max_ejection_percent.map(i64::from), &format!("{field}.maxEjectionPercent"), 100, errs) {
+    if let Ok(Some(n @ 1..)) =
+        count(o.max_ejection_percent.map(i64::from), &format!("{field}.maxEjectionPercent"), 100, errs)
+    {
         p.max_ejection_percent = n;
     }
     if let Ok(Some(n)) = count(o.min_health_percent.map(i64::from), &format!("{field}.minHealthPercent"), 100, errs) {
@@ -389,7 +428,11 @@ mod tests {
     }
 
     fn state(rules: Vec<DestinationRule>) -> State {
-        let services = [svc("demo", "reviews", "10.96.0.1"), svc("demo", "ratings", "10.96.0.2"), svc("other", "reviews", "10.96.0.3")];
+        let services = [
+            svc("demo", "reviews", "10.96.0.1"),
+            svc("demo", "ratings", "10.96.0.2"),
+            svc("other", "reviews", "10.96.0.3"),
+        ];
         State {
             services_by_vip: services.into_iter().map(|s| (s.vips[0], s)).collect(),
             routing: Arc::new(RoutingConfig { destination_rules: rules, ..RoutingConfig::default() }),
@@ -442,10 +485,15 @@ spec:
         assert_eq!(up.idle_timeout, Duration::from_secs(30));
         assert!(up.h2_upgrade);
         let od = top.outlier.unwrap();
-        assert_eq!((od.consecutive_5xx, od.interval, od.base_ejection_time, od.max_ejection_percent), (1, Duration::from_secs(1), Duration::from_secs(180), 100));
+        assert_eq!(
+            (od.consecutive_5xx, od.interval, od.base_ejection_time, od.max_ejection_percent),
+            (1, Duration::from_secs(1), Duration::from_secs(180), 100)
+        );
         // Port 9080 replaces every group: cookie hash, default pool, no outlier detection.
         let p = PolicyParts::effective(Some(top), None, 9080);
-        assert!(matches!(&p.lb, LbPolicy::ConsistentHash { source: HashSource::Cookie { name, ttl: Some(t), .. }, .. } if name == "user" && t.is_zero()));
+        assert!(
+            matches!(&p.lb, LbPolicy::ConsistentHash { source: HashSource::Cookie { name, ttl: Some(t), .. }, .. } if name == "user" && t.is_zero())
+        );
         assert!(p.outlier.is_none());
         let p = PolicyParts::effective(Some(top), r.subsets[1].policy.as_ref(), 80);
         assert_eq!((p.lb, p.pool.max_connections), (LbPolicy::Random, 1));
@@ -498,7 +546,11 @@ spec:
             "{errors:#?}"
         );
         assert!(errors.iter().all(|e| e.kind == "DestinationRule" && e.namespace == "demo" && e.name == "bad"));
-        assert!(errors[1].reason.contains("-1") && errors[1].reason.ends_with("the connectionPool block is ignored"), "{}", errors[1].reason);
+        assert!(
+            errors[1].reason.contains("-1") && errors[1].reason.ends_with("the connectionPool block is ignored"),
+            "{}",
+            errors[1].reason
+        );
         assert!(errors[6].reason.contains("duplicate subset name \"v1\""));
         let r = &rules["demo"]["reviews"];
         assert_eq!(r.subsets.len(), 2, "the duplicate is left out, the rest serves");
@@ -516,7 +568,8 @@ spec:
         let old = OutlierDetection { consecutive_errors: Some(3), max_ejection_percent: Some(0), ..Default::default() };
         let p = outlier(&old, "f", &mut errs).unwrap();
         assert_eq!((p.consecutive_5xx, p.consecutive_gateway, p.max_ejection_percent), (0, 3, 10));
-        let both = OutlierDetection { consecutive_errors: Some(3), consecutive_5xx_errors: Some(7), ..Default::default() };
+        let both =
+            OutlierDetection { consecutive_errors: Some(3), consecutive_5xx_errors: Some(7), ..Default::default() };
         assert_eq!(outlier(&both, "f", &mut errs).unwrap().consecutive_5xx, 7);
         assert_eq!(errs.out, []);
     }
@@ -565,7 +618,8 @@ spec:
         // Same host, same namespace, no timestamps: name order decides the first ("ratings").
         assert_eq!(ratings.origin, "demo/ratings");
         assert_eq!(ratings.top.as_ref().unwrap().lb, Some(LbPolicy::RoundRobin));
-        let subsets: Vec<(&str, &str)> = ratings.subsets.iter().map(|s| (s.name.as_str(), s.labels["version"].as_str())).collect();
+        let subsets: Vec<(&str, &str)> =
+            ratings.subsets.iter().map(|s| (s.name.as_str(), s.labels["version"].as_str())).collect();
         assert_eq!(subsets, [("v1", "v1"), ("v2", "v2")], "v2 merged in, the second v1 ignored");
         assert!(!rules.contains_key("other"), "workloadSelector rules are for sidecars");
     }
@@ -586,7 +640,11 @@ spec:
         let errors = clusters.update(&s, &me());
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].field, "spec.trafficPolicy.loadBalancer.simple");
-        assert!(errors[0].to_string().starts_with("DestinationRule demo/reviews: spec.trafficPolicy.loadBalancer.simple: PASSTHROUGH"));
+        assert!(
+            errors[0]
+                .to_string()
+                .starts_with("DestinationRule demo/reviews: spec.trafficPolicy.loadBalancer.simple: PASSTHROUGH")
+        );
         let reviews = s.service("demo", "reviews").unwrap().clone();
         let c = clusters.get_for(&reviews, Some("v1"), 9080);
         assert_eq!(c.name, "outbound|9080|v1|reviews.demo.svc.cluster.local");

@@ -37,7 +37,10 @@ pub enum LbPolicy {
     #[default]
     LeastRequest,
     Random,
-    ConsistentHash { source: HashSource, table: HashTable },
+    ConsistentHash {
+        source: HashSource,
+        table: HashTable,
+    },
 }
 
 /// Which ring a consistent hash uses (`ringHash` is Istio's default, `maglev` on request).
@@ -53,7 +56,11 @@ pub enum HashSource {
     Header(http::HeaderName),
     /// `httpCookie`: when the request has no such cookie and `ttl` is set, Envoy generates one and
     /// sets it on the response (`ttl` zero = session cookie); without `ttl` there is no hash.
-    Cookie { name: String, path: Option<String>, ttl: Option<Duration> },
+    Cookie {
+        name: String,
+        path: Option<String>,
+        ttl: Option<Duration>,
+    },
     SourceIp,
     QueryParameter(String),
 }

@@ -7,8 +7,8 @@
 //! `http1MaxPendingRequests`, and anything beyond that overflows. Does not own the connections
 //! themselves (`upstream`).
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -17,9 +17,13 @@ use super::policy::PoolLimits;
 /// A request the connection pool refused: the handler answers 503 with response flag `UO`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Overflow {
-    #[error("upstream overflow: {0} concurrent requests (connectionPool.http.http2MaxRequests); raise the limit or add endpoints")]
+    #[error(
+        "upstream overflow: {0} concurrent requests (connectionPool.http.http2MaxRequests); raise the limit or add endpoints"
+    )]
     MaxRequests(u32),
-    #[error("upstream overflow: {0} requests already wait for a connection (connectionPool.http.http1MaxPendingRequests); raise the limit or connectionPool.tcp.maxConnections")]
+    #[error(
+        "upstream overflow: {0} requests already wait for a connection (connectionPool.http.http1MaxPendingRequests); raise the limit or connectionPool.tcp.maxConnections"
+    )]
     MaxPending(u32),
 }
 
@@ -65,14 +69,16 @@ impl Pool {
     /// `multiplexed`: the request goes over HTTP/2, where Envoy's pool runs many streams on one
     /// connection, so only the request limit applies.
     pub(super) async fn admit(&self, multiplexed: bool) -> Result<Admission, Overflow> {
-        let request = take(&self.active, self.limits.max_requests).ok_or(Overflow::MaxRequests(self.limits.max_requests))?;
+        let request =
+            take(&self.active, self.limits.max_requests).ok_or(Overflow::MaxRequests(self.limits.max_requests))?;
         let Some(connections) = self.connections.as_ref().filter(|_| !multiplexed) else {
             return Ok(Admission { _request: request, _connection: None });
         };
         if let Ok(permit) = connections.clone().try_acquire_owned() {
             return Ok(Admission { _request: request, _connection: Some(permit) });
         }
-        let waiting = take(&self.pending, self.limits.max_pending).ok_or(Overflow::MaxPending(self.limits.max_pending))?;
+        let waiting =
+            take(&self.pending, self.limits.max_pending).ok_or(Overflow::MaxPending(self.limits.max_pending))?;
         // The semaphore is never closed, so acquiring only ends with a permit.
         let permit = connections.clone().acquire_owned().await.ok();
         drop(waiting);

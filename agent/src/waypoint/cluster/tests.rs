@@ -4,8 +4,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, StatusCode};
@@ -193,14 +193,24 @@ fn ejected_host_only_moves_its_own_keys_on_the_ring() {
 #[test]
 fn cookie_hash_generates_a_cookie_that_sticks() {
     let policy = lb(LbPolicy::ConsistentHash {
-        source: HashSource::Cookie { name: "session".into(), path: Some("/".into()), ttl: Some(Duration::from_secs(60)) },
+        source: HashSource::Cookie {
+            name: "session".into(),
+            path: Some("/".into()),
+            ttl: Some(Duration::from_secs(60)),
+        },
         table: HashTable::Ring { minimum_size: 1024 },
     });
     let c = cluster(5, policy);
     let first = c.pick(&key(&HeaderMap::new())).unwrap();
     let set = first.set_cookie.clone().expect("a generated cookie");
     let set = set.to_str().unwrap();
-    assert!(set.starts_with("session=\"") && set.contains("; Max-Age=60") && set.contains("; Path=/") && set.ends_with("HttpOnly"), "{set}");
+    assert!(
+        set.starts_with("session=\"")
+            && set.contains("; Max-Age=60")
+            && set.contains("; Path=/")
+            && set.ends_with("HttpOnly"),
+        "{set}"
+    );
     let value = set.split('"').nth(1).unwrap();
     let mut h = HeaderMap::new();
     h.insert(http::header::COOKIE, HeaderValue::from_str(&format!("other=1; session={value}")).unwrap());
@@ -243,7 +253,12 @@ fn source_ip_and_query_parameter_hashes_stick() {
             table: HashTable::Ring { minimum_size: 1024 },
         }),
     );
-    let pick = |q: &str| by_query.pick(&HashKey { headers: &headers, source_ip: IpAddr::from([10, 2, 0, 1]), query: Some(q) }).unwrap().addr;
+    let pick = |q: &str| {
+        by_query
+            .pick(&HashKey { headers: &headers, source_ip: IpAddr::from([10, 2, 0, 1]), query: Some(q) })
+            .unwrap()
+            .addr
+    };
     let first = pick("a=1&user=jason&b=2");
     assert!((0..50).all(|i| pick(&format!("user=jason&i={i}")) == first), "only the named parameter counts");
 }
@@ -465,7 +480,12 @@ async fn max_ejection_percent_limits_ejections() {
 async fn gateway_errors_detector_ignores_plain_500s() {
     let policy = Policy {
         lb: LbPolicy::RoundRobin,
-        outlier: Some(OutlierPolicy { consecutive_5xx: 0, consecutive_gateway: 2, max_ejection_percent: 100, ..OutlierPolicy::default() }),
+        outlier: Some(OutlierPolicy {
+            consecutive_5xx: 0,
+            consecutive_gateway: 2,
+            max_ejection_percent: 100,
+            ..OutlierPolicy::default()
+        }),
         ..Policy::default()
     };
     let c = cluster(2, policy);
@@ -540,7 +560,8 @@ fn state(reviews: Arc<Service>) -> State {
 }
 
 fn rules(outlier: Option<OutlierPolicy>) -> RulesMap {
-    let subset = |v: &str| Subset { name: v.into(), labels: [("version".to_string(), v.to_string())].into(), policy: None };
+    let subset =
+        |v: &str| Subset { name: v.into(), labels: [("version".to_string(), v.to_string())].into(), policy: None };
     let r = ServiceRules {
         origin: "demo/reviews".into(),
         top: Some(PolicyParts { lb: Some(LbPolicy::RoundRobin), outlier, ..PolicyParts::default() }),
@@ -564,12 +585,19 @@ async fn subsets_select_by_labels_and_state_survives_updates() {
     let od = OutlierPolicy { consecutive_5xx: 1, max_ejection_percent: 100, ..OutlierPolicy::default() };
     clusters.install(&s, &me(), rules(Some(od)));
     let c1 = clusters.get_for(&svc, Some("v1"), 9080);
-    assert_eq!(c1.endpoints().iter().map(|e| e.0).collect::<Vec<_>>(), vec!["10.0.0.1:8080".parse().unwrap()], "IPv4 first, target port");
+    assert_eq!(
+        c1.endpoints().iter().map(|e| e.0).collect::<Vec<_>>(),
+        vec!["10.0.0.1:8080".parse().unwrap()],
+        "IPv4 first, target port"
+    );
     assert_eq!(c1.origin.as_deref(), Some("demo/reviews"));
     let c2 = clusters.get_for(&svc, Some("v2"), 9080);
     assert_eq!(c2.endpoints().len(), 2);
     assert_eq!(clusters.get_for(&svc, None, 9080).endpoints().len(), 3);
-    assert!(clusters.get_for(&svc, Some("v3"), 9080).pick(&key(&HeaderMap::new())).is_none(), "unknown subset: no endpoints");
+    assert!(
+        clusters.get_for(&svc, Some("v3"), 9080).pick(&key(&HeaderMap::new())).is_none(),
+        "unknown subset: no endpoints"
+    );
     // Eject v2's first endpoint, then update with the same inputs: same cluster, same ejection.
     c2.report(&endpoint_of(&c2, "10.0.0.2:8080".parse().unwrap()), &Outcome::Status(StatusCode::SERVICE_UNAVAILABLE));
     clusters.install(&s, &me(), rules(Some(od)));
