@@ -14,9 +14,39 @@ use anyhow::{Context, Result, bail, ensure};
 use weft_tests::mesh::spiffe;
 use weft_tests::process::Background;
 use weft_tests::scenario::{self, MESH_NS, SERVER_VIP};
-use weft_tests::{Agent, AgentOptions, Capture, Topology};
+use weft_tests::waypoint::GATEWAY_NAME_LABEL;
+use weft_tests::{Agent, AgentOptions, Capture, PodSpec, ServiceSpec, Topology, Waypoint};
 
 use crate::sys;
+
+const WAYPOINT_VIP: &str = "10.96.0.100";
+const L7_VIP: &str = "10.96.0.20";
+
+/// The waypoint's configuration, as Istio users write it: its Gateway, subsets v1/v2 of the server,
+/// `end-user: jason` → v2 (everyone else → v1) and an L7 DENY of POST /admin/* on the waypoint.
+fn l7_config() -> Vec<String> {
+    vec![
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{ name: waypoint, namespace: {MESH_NS} }}\n\
+             spec: {{ gatewayClassName: weft-waypoint, listeners: [{{ name: mesh, port: 15008, protocol: HBONE }}] }}\n"
+        ),
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{ name: server-l7, namespace: {MESH_NS} }}\n\
+             spec:\n  host: server-l7\n  subsets:\n  - {{ name: v1, labels: {{ version: v1 }} }}\n  - {{ name: v2, labels: {{ version: v2 }} }}\n"
+        ),
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{ name: server-l7, namespace: {MESH_NS} }}\n\
+             spec:\n  hosts: [server-l7]\n  http:\n  - match:\n    - headers: {{ end-user: {{ exact: jason }} }}\n\
+             \x20   route:\n    - destination: {{ host: server-l7, subset: v2 }}\n\
+             \x20 - route:\n    - destination: {{ host: server-l7, subset: v1 }}\n"
+        ),
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{ name: deny-admin-writes, namespace: {MESH_NS} }}\n\
+             spec:\n  targetRefs:\n  - {{ kind: Gateway, group: gateway.networking.k8s.io, name: waypoint }}\n  action: DENY\n\
+             \x20 rules:\n  - to:\n    - operation: {{ methods: [POST], paths: [\"/admin/*\"] }}\n"
+        ),
+    ]
+}
 
 /// Longest an interactive demo stays up without a Ctrl-C.
 const MAX_UP: Duration = Duration::from_secs(8 * 3600);
@@ -95,12 +125,35 @@ pub fn run(check: bool, release: bool) -> Result<()> {
 fn walk(r: &mut Report, weft: std::path::PathBuf) -> Result<()> {
     let Some((topo, _servers)) = r.step(
         "mesh",
-        "namespace demo (ambient): client, server-v1, server-v2 (service server 10.96.0.10:80 → 8080), intruder; \
-         namespace legacy (not in the mesh): legacy; PeerAuthentication STRICT in demo; an AuthorizationPolicy \
-         letting only sa client reach app=server",
+        "namespace demo (ambient): client, server-v1, server-v2 (service server 10.96.0.10:80 → 8080), intruder, \
+         a waypoint pod; service server-l7 (10.96.0.20, same pods) is bound to the waypoint \
+         (istio.io/use-waypoint); namespace legacy (not in the mesh): legacy; PeerAuthentication STRICT in demo; an \
+         AuthorizationPolicy letting only sa client (and the waypoint) reach app=server",
         || {
-            let topo = scenario::demo("demo").prefix("weft-").build()?;
-            topo.write_mesh(&[scenario::peer_auth("STRICT"), scenario::server_policy("ALLOW", &["client"])])?;
+            let topo = scenario::demo("demo")
+                .prefix("weft-")
+                .pod(
+                    PodSpec::new("waypoint", MESH_NS)
+                        .sa("waypoint")
+                        .label(GATEWAY_NAME_LABEL, "waypoint")
+                        .label("istio.io/dataplane-mode", "none"),
+                )
+                .service(
+                    ServiceSpec::new("waypoint", MESH_NS, WAYPOINT_VIP)
+                        .port(15008, 15008)
+                        .selector(GATEWAY_NAME_LABEL, "waypoint"),
+                )
+                .service(
+                    ServiceSpec::new("server-l7", MESH_NS, L7_VIP)
+                        .http_port(80, 8080)
+                        .selector("app", "server")
+                        .label("istio.io/use-waypoint", "waypoint"),
+                )
+                .build()?;
+            let mut docs =
+                vec![scenario::peer_auth("STRICT"), scenario::server_policy("ALLOW", &["client", "waypoint"])];
+            docs.extend(l7_config());
+            topo.write_mesh(&docs)?;
             let servers: Vec<Background> = ["server-v1", "server-v2", "legacy"]
                 .iter()
                 .map(|p| topo.pod(p).serve_http(8080))
@@ -215,6 +268,50 @@ fn walk(r: &mut Report, weft: std::path::PathBuf) -> Result<()> {
         ensure!(!rows.is_empty(), "no istio_tcp_connections_opened_total{{reporter=\"destination\",source_principal=\"{client_id}\"}} in the scrape");
         Ok(((), rows.join("\n")))
     });
+
+    let waypoint = r.step(
+        "waypoint",
+        "start `weft waypoint` in its pod and curl server-l7 (bound to it): the VirtualService sends `end-user: jason` \
+         to v2 and everyone else to v1",
+        || {
+            let w = Waypoint::start(&topo, &weft, "waypoint", MESH_NS, "waypoint")?;
+            let l7 = format!("http://{L7_VIP}/");
+            let by = |headers: &[&str]| -> Result<BTreeSet<String>> {
+                let mut seen = BTreeSet::new();
+                for _ in 0..10 {
+                    let mut args =
+                        vec!["curl", "-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%header{x-served-by}"];
+                    for h in headers {
+                        args.extend(["-H", h]);
+                    }
+                    args.push(&l7);
+                    let out = client.exec(&args, Duration::from_secs(15))?.ok()?;
+                    seen.insert(out.stdout.trim().to_string());
+                }
+                Ok(seen)
+            };
+            let jason = by(&["end-user: jason"])?;
+            let others = by(&[])?;
+            ensure!(jason == BTreeSet::from(["server-v2".to_string()]), "end-user: jason answered by {jason:?}");
+            ensure!(others == BTreeSet::from(["server-v1".to_string()]), "other users answered by {others:?}");
+            Ok((w, "end-user: jason → server-v2 (10 of 10); no header → server-v1 (10 of 10)".to_string()))
+        },
+    );
+
+    r.step(
+        "l7-policy",
+        "POST /admin/users through the waypoint: 403 from an L7 AuthorizationPolicy (DENY POST /admin/*) attached to \
+         the waypoint; GET still answered",
+        || {
+            ensure!(waypoint.is_some(), "the waypoint did not start");
+            let l7 = format!("http://{L7_VIP}/admin/users");
+            let post = client.exec(&["curl", "-sS", "-X", "POST", "--max-time", "10", &l7], Duration::from_secs(15))?;
+            ensure!(post.stdout.contains("RBAC: access denied"), "POST /admin/users: {post}");
+            let get = client.exec(&["curl", "-sS", "-f", "--max-time", "10", &l7], Duration::from_secs(15))?;
+            ensure!(get.stdout.starts_with("hello from"), "GET /admin/users: {get}");
+            Ok(((), format!("POST: {}; GET: {}", post.stdout.trim(), get.stdout.trim())))
+        },
+    );
 
     if r.check {
         return Ok(());
