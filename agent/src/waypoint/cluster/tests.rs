@@ -615,3 +615,13 @@ async fn subsets_select_by_labels_and_state_survives_updates() {
     clusters.install(&state(svc2.clone()), &me(), rules(None));
     assert!(!Arc::ptr_eq(&c1, &clusters.get_for(&svc2, Some("v1"), 9080)));
 }
+
+#[test]
+fn shared_types_are_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Clusters>();
+    check::<Cluster>();
+    check::<Endpoint>();
+    check::<Admission>();
+    check::<RetryPermit>();
+}
