@@ -208,6 +208,7 @@ impl Upstream {
             match conns.h2.get_mut(&key) {
                 Some(c)
                     if !c.sender.is_closed()
+                        && t.idle_timeout.is_none_or(|d| c.since.elapsed() < d)
                         && (t.max_requests_per_connection == 0 || c.used < t.max_requests_per_connection) =>
                 {
                     c.used += 1;
@@ -380,5 +381,44 @@ impl hyper::body::Body for ResponseBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(version: http::Version, content_type: Option<&str>) -> http::request::Parts {
+        let mut b = http::Request::builder().version(version);
+        if let Some(ct) = content_type {
+            b = b.header(http::header::CONTENT_TYPE, ct);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    fn port(name: Option<&str>, app: Option<&str>) -> ServicePort {
+        ServicePort { name: name.map(Into::into), port: 80, target_port: 80, app_protocol: app.map(Into::into) }
+    }
+
+    #[test]
+    fn protocol_follows_app_protocol_then_port_name_then_grpc_requests() {
+        let h1 = parts(http::Version::HTTP_11, None);
+        let cases = [
+            (Some(port(Some("http"), None)), Protocol::Http1),
+            (Some(port(Some("http2-web"), None)), Protocol::Http2),
+            (Some(port(Some("grpc"), None)), Protocol::Http2),
+            (Some(port(None, Some("kubernetes.io/h2c"))), Protocol::Http2),
+            (Some(port(None, Some("grpc"))), Protocol::Http2),
+            (Some(port(Some("grpc"), Some("http"))), Protocol::Http1),
+            (Some(port(None, Some("HTTP2"))), Protocol::Http2),
+            (None, Protocol::Http1),
+        ];
+        for (p, want) in cases {
+            assert_eq!(Protocol::select(p.as_ref(), &h1), want, "{p:?}");
+        }
+        let grpc = parts(http::Version::HTTP_2, Some("application/grpc+proto"));
+        assert_eq!(Protocol::select(Some(&port(Some("http"), None)), &grpc), Protocol::Http2);
+        let h2_json = parts(http::Version::HTTP_2, Some("application/json"));
+        assert_eq!(Protocol::select(Some(&port(Some("http"), None)), &h2_json), Protocol::Http1);
     }
 }
