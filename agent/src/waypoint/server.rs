@@ -258,12 +258,9 @@ pub async fn serve_plain(listener: TcpListener, l: Arc<Listeners>, drain: Drain)
                 .or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
                 .unwrap_or_default();
             let found = l2.service_for_host(&l2.state.load(), &host);
-            let fut = match found {
-                Some((service, port)) => {
-                    Some(l2.handler.clone().handle(Downstream { peer, identity: None, service, port }, req))
-                }
-                None => None,
-            };
+            let fut = found.map(|(service, port)| {
+                l2.handler.clone().handle(Downstream { peer, identity: None, service, port }, req)
+            });
             async move {
                 Ok::<_, Infallible>(match fut {
                     Some(f) => f.await,

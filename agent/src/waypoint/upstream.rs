@@ -340,8 +340,10 @@ pub struct ResponseBody {
 impl ResponseBody {
     fn new(inner: Incoming, back: Option<Return>) -> Self {
         let mut b = ResponseBody { inner, back, bytes: 0 };
-        if b.inner.is_end_stream() {
-            b.back.take().map(Return::give_back);
+        if b.inner.is_end_stream()
+            && let Some(r) = b.back.take()
+        {
+            r.give_back();
         }
         b
     }
@@ -363,12 +365,16 @@ impl hyper::body::Body for ResponseBody {
                 if let Some(d) = frame.data_ref() {
                     self.bytes += d.len() as u64;
                 }
-                if self.inner.is_end_stream() {
-                    self.back.take().map(Return::give_back);
+                if self.inner.is_end_stream()
+                    && let Some(r) = self.back.take()
+                {
+                    r.give_back();
                 }
             }
             None => {
-                self.back.take().map(Return::give_back);
+                if let Some(r) = self.back.take() {
+                    r.give_back();
+                }
             }
             Some(Err(_)) => self.back = None,
         }
