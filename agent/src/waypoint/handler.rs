@@ -147,6 +147,23 @@ impl Record {
     }
 }
 
+/// Istio's default path normalization (BASE: decoded unreserved characters, no dot segments), before
+/// routing and authorization and forwarded upstream, as Envoy does: a DENY on `/admin*` cannot be
+/// dodged with `/public/%2e%2e/admin`, and the backend serves the resource the policy judged.
+fn normalize_path(uri: &mut http::Uri) {
+    let Some(pq) = uri.path_and_query() else { return };
+    let std::borrow::Cow::Owned(path) = crate::policy::l7::normalize_path(pq.path()) else { return };
+    let rebuilt = match pq.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let Ok(pq) = rebuilt.parse() else { return };
+    let original = uri.clone();
+    let mut parts = std::mem::take(uri).into_parts();
+    parts.path_and_query = Some(pq);
+    *uri = http::Uri::from_parts(parts).unwrap_or(original);
+}
+
 /// Istio's peer labels of a workload.
 fn peer(w: &Workload) -> Peer {
     let label = |k: &str| w.labels.get(k).cloned();
@@ -185,6 +202,7 @@ impl Chain {
         let state = self.state.load();
         let compiled = self.compiled.load_full();
         let (mut parts, body) = req.into_parts();
+        normalize_path(&mut parts.uri);
         let trace = telemetry::propagate_trace(&mut parts.headers);
         let authority = parts
             .uri

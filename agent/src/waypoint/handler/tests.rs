@@ -651,3 +651,18 @@ spec: {hosts: [reviews], http: [{match: [{headers: {end-user: {exact: jason}}}],
     assert_eq!(c.get("nosuch.demo", "/", &[]).await.status, 404);
     assert_eq!(c.get("reviews:1234", "/", &[]).await.status, 404);
 }
+
+#[test]
+fn paths_are_normalized_before_routing_and_policy() {
+    let cases = [
+        ("/public/%2e%2e/admin/users?x=1", "/admin/users?x=1"),
+        ("/a/./b/../c", "/a/c"),
+        ("/plain?q=%2e%2e", "/plain?q=%2e%2e"),
+        ("/", "/"),
+    ];
+    for (input, want) in cases {
+        let mut uri: http::Uri = input.parse().unwrap();
+        super::normalize_path(&mut uri);
+        assert_eq!(uri.path_and_query().unwrap().as_str(), want, "{input}");
+    }
+}
