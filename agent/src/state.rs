@@ -38,6 +38,9 @@ pub struct Workload {
     pub ips: Vec<IpAddr>,
     /// `spec.nodeName`; `None` in local mode means "this node".
     pub node: Option<String>,
+    /// `metadata.uid` (cluster mode): what kubelet names the pod's cgroup after, so a running pod's
+    /// network namespace can be found without a CNI ADD. `None` from the file source.
+    pub uid: Option<String>,
     /// Network namespace of the pod on this node, when known (local mode: from the pod's
     /// `weft.io/netns` annotation; cluster mode: found by the CNI plugin).
     pub netns: Option<PathBuf>,
@@ -181,6 +184,16 @@ impl State {
     }
 }
 
+/// Addresses of this node's pods known before the API server shows them: the CNI ADD runs after
+/// the primary plugin assigned the pod's IPs but before kubelet reports `status.podIPs`, and the
+/// pod must be enrolled (so in the snapshot) before the ADD returns. Implemented by the CNI
+/// registry, read by the cluster source; defined here so neither depends on the other.
+pub trait LocalPodAddresses: Send + Sync {
+    /// The IPs known for pod `namespace/name` whose `metadata.uid` is `uid`; `None` when unknown,
+    /// or known for another pod of that name (a different non-empty uid).
+    fn pod_ips(&self, namespace: &str, name: &str, uid: &str) -> Option<Vec<IpAddr>>;
+}
+
 /// The current snapshot plus a change signal. Readers call `load()` per connection (a wait-free
 /// atomic load); writers `replace()` the whole snapshot.
 #[derive(Debug)]
@@ -221,6 +234,7 @@ mod tests {
             labels: BTreeMap::new(),
             ips: vec![ip.parse().unwrap()],
             node: None,
+            uid: None,
             netns: None,
             captured: true,
             identity: Identity::new("cluster.local", ns, name),

@@ -332,6 +332,7 @@ mod tests {
             labels: BTreeMap::new(),
             ips: vec![ip.parse().unwrap()],
             node: None,
+            uid: None,
             netns: None,
             captured: true,
             identity: Identity::new("cluster.local", "demo", name),

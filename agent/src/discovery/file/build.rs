@@ -298,6 +298,7 @@ pub(in crate::discovery) fn workload(
         labels,
         ips: ips.iter().map(|(_, ip)| *ip).collect(),
         node: spec.and_then(|s| s.node_name.clone()),
+        uid: meta.uid.clone().filter(|u| !u.is_empty()),
         netns,
         captured: ns_ambient && !opted_out && !host_network,
         identity,

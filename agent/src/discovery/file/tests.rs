@@ -152,6 +152,7 @@ fn workload(
         labels: labels(l),
         ips: ips.iter().map(|s| ip(s)).collect(),
         node: node.map(Into::into),
+        uid: None,
         netns: netns.map(PathBuf::from),
         captured,
         identity: Identity { trust_domain: "cluster.local".into(), namespace: ns.into(), service_account: sa.into() },

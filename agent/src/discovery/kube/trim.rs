@@ -21,7 +21,11 @@ fn meta(m: &mut ObjectMeta) {
 }
 
 pub(super) fn pod(p: &mut Pod) {
+    // The uid names the pod's cgroup (how a running pod's netns is found without a CNI ADD) and
+    // tells a recreated pod from its namesake's CNI record.
+    let uid = p.metadata.uid.take();
     meta(&mut p.metadata);
+    p.metadata.uid = uid;
     p.spec = p.spec.take().map(|s| PodSpec {
         node_name: s.node_name,
         service_account_name: s.service_account_name,

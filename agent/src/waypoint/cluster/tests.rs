@@ -24,6 +24,7 @@ fn workload(name: &str, ips: &[&str], labels: &[(&str, &str)]) -> Arc<Workload> 
         labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
         node: None,
+        uid: None,
         netns: None,
         captured: true,
         identity: Identity::new("cluster.local", "demo", "default"),

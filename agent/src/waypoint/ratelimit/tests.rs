@@ -16,6 +16,7 @@ fn workload(name: &str, labels: &[(&str, &str)]) -> Arc<Workload> {
         labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         ips: vec!["10.0.0.1".parse().unwrap()],
         node: None,
+        uid: None,
         netns: None,
         captured: true,
         identity: Identity::new("cluster.local", "demo", "default"),

@@ -91,6 +91,7 @@ pub(crate) fn world(yaml: &str) -> State {
                 labels: pod_labels,
                 ips: vec![IpAddr::V4(Ipv4Addr::new(10, 1, (next_ip >> 8) as u8, next_ip as u8))],
                 node: None,
+                uid: None,
                 netns: None,
                 captured: true,
                 identity: Identity::new("cluster.local", *ns, *name),
