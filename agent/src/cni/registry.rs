@@ -231,6 +231,18 @@ impl PodNetnsRegistry {
     }
 }
 
+/// The IPs from the CNI result, for the cluster source to use until kubelet reports them. A
+/// record with another non-empty uid is a previous pod of the same name: not this one's IPs.
+impl crate::state::LocalPodAddresses for PodNetnsRegistry {
+    fn pod_ips(&self, namespace: &str, name: &str, uid: &str) -> Option<Vec<IpAddr>> {
+        let e = self.entry(namespace, name)?;
+        if !uid.is_empty() && !e.pod.uid.is_empty() && e.pod.uid != uid {
+            return None;
+        }
+        Some(e.pod.ips).filter(|ips| !ips.is_empty())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,6 +328,22 @@ mod tests {
         assert_eq!(reg.retain_sandboxes(&["c-keep".to_string()]), 1);
         let names: Vec<String> = reg.snapshot().keys().map(|k| k.name.clone()).collect();
         assert_eq!(names, ["keep", "old"]);
+    }
+
+    #[test]
+    fn cni_ips_are_offered_for_the_same_pod_only() {
+        use crate::state::LocalPodAddresses;
+        let reg = PodNetnsRegistry::new();
+        reg.register(PodRef::new("demo", "web"), cni("/run/netns/a", "c1"));
+        let ip: IpAddr = "10.244.0.7".parse().unwrap();
+        assert_eq!(reg.pod_ips("demo", "web", "u1"), Some(vec![ip]));
+        assert_eq!(reg.pod_ips("demo", "web", ""), Some(vec![ip]), "the API object has no uid: match by name");
+        assert_eq!(reg.pod_ips("demo", "web", "u2"), None, "a recreated pod of the same name");
+        assert_eq!(reg.pod_ips("demo", "other", "u1"), None);
+        let mut no_ips = cni("/run/netns/b", "c2");
+        no_ips.ips.clear();
+        reg.register(PodRef::new("demo", "bare"), no_ips);
+        assert_eq!(reg.pod_ips("demo", "bare", "u1"), None, "no IPs in the CNI result: nothing to offer");
     }
 
     #[tokio::test]

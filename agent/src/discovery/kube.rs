@@ -175,6 +175,9 @@ enum Outcome {
     /// A (re)list completed: the store now holds the listed objects.
     Listed,
     Failed(watcher::Error),
+    /// Something outside the API changed what the snapshot holds (the CNI registry learnt a pod's
+    /// IPs): rebuild, readiness unaffected.
+    Nudged,
 }
 
 /// The reflector stores the snapshot is built from.
@@ -283,6 +286,42 @@ pub async fn run(
     run_loop(streams, &mut rebuild, &synced, shutdown).await;
 }
 
+/// IPs this node knows before the API server shows them, and a signal that bumps when they change.
+#[derive(Clone)]
+pub struct LocalAddresses {
+    pub known: Arc<dyn crate::state::LocalPodAddresses>,
+    pub changes: watch::Receiver<u64>,
+}
+
+/// [`run`] for a node agent: a pod of this node that the API shows without an IP yet is taken
+/// with the IPs `local` has for it (from the CNI ADD), and each change of `local` rebuilds.
+pub async fn run_with_local_addresses(
+    client: kube::Client,
+    opts: KubeOptions,
+    local: LocalAddresses,
+    store: Arc<StateStore>,
+    synced: watch::Sender<bool>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let (stores, mut streams) = start(client);
+    streams.push(nudges(local.changes));
+    let mut builder = build::Builder::new(opts).with_local_addresses(local.known);
+    let mut rebuild = || {
+        let state = builder.build(&stores);
+        replace(&store, state, &builder);
+    };
+    run_loop(streams, &mut rebuild, &synced, shutdown).await;
+}
+
+/// One [`Outcome::Nudged`] per change of `changes`, until its sender goes.
+fn nudges(changes: watch::Receiver<u64>) -> BoxStream<'static, (Kind, Outcome)> {
+    futures::stream::unfold(changes, |mut rx| async move {
+        rx.changed().await.ok()?;
+        Some(((Kind::Pods, Outcome::Nudged), rx))
+    })
+    .boxed()
+}
+
 fn replace(store: &StateStore, state: State, builder: &build::Builder) {
     let (workloads, services) = (state.workloads_by_ip.len(), state.services_by_vip.len());
     let local = state.local_captured(&builder.opts().node_name).len();
@@ -344,6 +383,7 @@ impl Health {
     /// Records one outcome; true when the snapshot may have to change.
     fn observe(&mut self, kind: Kind, outcome: Outcome) -> bool {
         match outcome {
+            Outcome::Nudged => true,
             Outcome::Changed | Outcome::Listed => {
                 if self.failing.remove(&kind) {
                     tracing::info!(kind = kind.name(), "watch recovered");

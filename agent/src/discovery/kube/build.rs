@@ -2,12 +2,13 @@
 //! the file, a cluster is never rejected as a whole: an object that breaks a rule is left out and
 //! logged with its field, once per distinct problem (not at every rebuild).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Pod, Service as KubeService};
+use k8s_openapi::api::core::v1::{Pod, PodIP, Service as KubeService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::DynamicObject;
 use serde::de::DeserializeOwned;
@@ -16,7 +17,7 @@ use super::{KubeOptions, Stores};
 use crate::crd::{AuthorizationPolicy, PeerAuthentication};
 use crate::discovery::file::build::{Endpoints, PodsByNamespace, describe, name_of, ns_of, service, workload};
 use crate::policy::Policies;
-use crate::state::{RoutingConfig, State, Workload};
+use crate::state::{LocalPodAddresses, RoutingConfig, State, Workload};
 
 /// Label an EndpointSlice carries with the name of its Service.
 pub(super) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -36,6 +37,8 @@ pub(super) struct Inputs {
     pub envoy_filters: Vec<Arc<DynamicObject>>,
     pub gateways: Vec<Arc<DynamicObject>>,
     pub http_routes: Vec<Arc<DynamicObject>>,
+    /// IPs of this node's pods that the API server does not show yet (the CNI registry).
+    pub local_addresses: Option<Arc<dyn LocalPodAddresses>>,
 }
 
 impl Inputs {
@@ -57,6 +60,7 @@ impl Inputs {
             envoy_filters: s.envoy_filters.state(),
             gateways: s.gateways.state(),
             http_routes: s.http_routes.state(),
+            local_addresses: None,
         }
     }
 }
@@ -69,11 +73,18 @@ pub(super) struct Builder {
     /// Fingerprint of the policy objects last compiled: unchanged policies compile silently (the
     /// compiler logs its warnings, which would otherwise repeat at every pod change).
     policy_fingerprint: Option<u64>,
+    local_addresses: Option<Arc<dyn LocalPodAddresses>>,
 }
 
 impl Builder {
     pub fn new(opts: KubeOptions) -> Builder {
-        Builder { opts, reported: HashSet::new(), policy_fingerprint: None }
+        Builder { opts, reported: HashSet::new(), policy_fingerprint: None, local_addresses: None }
+    }
+
+    /// Pods of this node without an IP in the API get the IPs `known` has for them.
+    pub fn with_local_addresses(mut self, known: Arc<dyn LocalPodAddresses>) -> Builder {
+        self.local_addresses = Some(known);
+        self
     }
 
     pub fn opts(&self) -> &KubeOptions {
@@ -87,7 +98,9 @@ impl Builder {
     }
 
     pub(super) fn build(&mut self, stores: &Stores) -> State {
-        self.build_from(&Inputs::from_stores(stores))
+        let mut inputs = Inputs::from_stores(stores);
+        inputs.local_addresses = self.local_addresses.clone();
+        self.build_from(&inputs)
     }
 
     pub(super) fn build_from(&mut self, inputs: &Inputs) -> State {
@@ -96,6 +109,7 @@ impl Builder {
         for p in problems.0.difference(&self.reported) {
             tracing::warn!(problem = %p, "object left out of the mesh state; fix it (the rest applies)");
         }
+        super::report::on_problems(&problems.0, inputs);
         self.reported = problems.0;
         state
     }
@@ -112,12 +126,14 @@ impl Problems {
 }
 
 fn build(inputs: &Inputs, opts: &KubeOptions, problems: &mut Problems, policy_fingerprint: &mut Option<u64>) -> State {
-    let mut pods: Vec<&Pod> = inputs.pods.iter().map(Arc::as_ref).filter(|p| serves_traffic(p)).collect();
+    let known = inputs.local_addresses.as_deref();
+    let mut pods: Vec<Cow<'_, Pod>> =
+        inputs.pods.iter().filter_map(|p| with_known_ips(p, &opts.node_name, known)).collect();
     pods.sort_by(|a, b| (ns_of(&a.metadata), name_of(&a.metadata)).cmp(&(ns_of(&b.metadata), name_of(&b.metadata))));
 
     let mut workloads_by_ip: HashMap<IpAddr, Arc<Workload>> = HashMap::new();
     let mut by_namespace: PodsByNamespace<'_> = HashMap::new();
-    for pod in pods {
+    for pod in pods.iter().map(Cow::as_ref) {
         let object = describe("Pod", &pod.metadata, true);
         let (w, ips) = match workload(pod, &inputs.namespaces, None, &opts.trust_domain) {
             Ok(r) => r,
@@ -202,6 +218,32 @@ fn build(inputs: &Inputs, opts: &KubeOptions, problems: &mut Problems, policy_fi
         policies,
         routing: Arc::new(routing),
     }
+}
+
+/// The pod as the snapshot takes it: as the API shows it when it serves traffic; with the IPs
+/// `known` has for it when it is on `node`, would serve traffic and the API has no IP for it yet
+/// (between the CNI ADD and kubelet's status update); `None` otherwise. The API's IPs win as soon
+/// as it has some.
+fn with_known_ips<'a>(pod: &'a Pod, node: &str, known: Option<&dyn LocalPodAddresses>) -> Option<Cow<'a, Pod>> {
+    if serves_traffic(pod) {
+        return Some(Cow::Borrowed(pod));
+    }
+    let known = known?;
+    let (spec, meta) = (pod.spec.as_ref()?, &pod.metadata);
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    if spec.node_name.as_deref() != Some(node)
+        || spec.host_network == Some(true)
+        || matches!(phase, Some("Succeeded" | "Failed"))
+    {
+        return None;
+    }
+    let ips = known.pod_ips(ns_of(meta), name_of(meta), meta.uid.as_deref().unwrap_or_default())?;
+    let first = ips.first()?;
+    let mut pod = pod.clone();
+    let status = pod.status.get_or_insert_with(Default::default);
+    status.pod_ip = Some(first.to_string());
+    status.pod_ips = Some(ips.iter().map(|ip| PodIP { ip: ip.to_string() }).collect());
+    Some(Cow::Owned(pod))
 }
 
 /// Pods that have or may have an IP of their own: not finished, not on the host network (those

@@ -390,3 +390,106 @@ fn same_routing_objects_give_the_file_sources_routing_config() {
     assert_eq!(f.len(), 8, "{f:#?}");
     assert_eq!(f, k);
 }
+
+/// The CNI registry's answers, for the merge test.
+struct Known(Vec<(&'static str, &'static str, &'static str, &'static str)>);
+
+impl crate::state::LocalPodAddresses for Known {
+    fn pod_ips(&self, namespace: &str, name: &str, uid: &str) -> Option<Vec<IpAddr>> {
+        self.0
+            .iter()
+            .find(|(ns, n, u, _)| *ns == namespace && *n == name && (uid.is_empty() || *u == uid))
+            .map(|(.., ip)| vec![ip.parse().unwrap()])
+    }
+}
+
+const IPLESS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: mesh, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: fresh, namespace: mesh, uid: 11111111-1111-1111-1111-111111111111}
+spec: {nodeName: node-a, containers: [{name: app}]}
+status: {phase: Pending}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reported, namespace: mesh, uid: 22222222-2222-2222-2222-222222222222}
+spec: {nodeName: node-a, containers: [{name: app}]}
+status: {phase: Running, podIP: 10.244.0.20, podIPs: [{ip: 10.244.0.20}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: elsewhere, namespace: mesh, uid: 33333333-3333-3333-3333-333333333333}
+spec: {nodeName: node-b, containers: [{name: app}]}
+status: {phase: Pending}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: recreated, namespace: mesh, uid: 44444444-4444-4444-4444-444444444444}
+spec: {nodeName: node-a, containers: [{name: app}]}
+status: {phase: Pending}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: opted-out, namespace: mesh, uid: 55555555-5555-5555-5555-555555555555, labels: {istio.io/dataplane-mode: none}}
+spec: {nodeName: node-a, containers: [{name: app}]}
+status: {phase: Pending}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: outside, namespace: plain, uid: 66666666-6666-6666-6666-666666666666}
+spec: {nodeName: node-a, containers: [{name: app}]}
+status: {phase: Pending}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: host, namespace: mesh, uid: 77777777-7777-7777-7777-777777777777}
+spec: {nodeName: node-a, hostNetwork: true, containers: [{name: app}]}
+status: {phase: Pending}
+"#;
+
+#[test]
+fn pods_without_an_api_ip_take_the_cni_ips_of_this_node() {
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let mut i = inputs(IPLESS);
+    i.local_addresses = Some(Arc::new(Known(vec![
+        ("mesh", "fresh", "11111111-1111-1111-1111-111111111111", "10.244.0.10"),
+        // The API's address wins over the CNI's.
+        ("mesh", "reported", "22222222-2222-2222-2222-222222222222", "10.244.0.99"),
+        ("mesh", "elsewhere", "33333333-3333-3333-3333-333333333333", "10.244.0.11"),
+        // The registry holds the previous pod of that name.
+        ("mesh", "recreated", "00000000-0000-0000-0000-000000000000", "10.244.0.12"),
+        ("mesh", "opted-out", "55555555-5555-5555-5555-555555555555", "10.244.0.13"),
+        ("plain", "outside", "66666666-6666-6666-6666-666666666666", "10.244.0.14"),
+        ("mesh", "host", "77777777-7777-7777-7777-777777777777", "10.244.0.15"),
+    ])));
+    let state = Builder::new(opts()).build_from(&i);
+
+    let fresh = state.workload_by_ip(ip("10.244.0.10")).expect("the CNI IP puts the pod in the snapshot");
+    assert_eq!((fresh.name.as_str(), fresh.captured), ("fresh", true));
+    assert_eq!(fresh.uid.as_deref(), Some("11111111-1111-1111-1111-111111111111"));
+    assert_eq!(fresh.ips, vec![ip("10.244.0.10")]);
+    assert_eq!(state.workload_by_ip(ip("10.244.0.20")).map(|w| w.name.as_str()), Some("reported"));
+    assert!(state.workload_by_ip(ip("10.244.0.99")).is_none(), "the API's IPs win once it has some");
+    assert!(state.workload_by_ip(ip("10.244.0.11")).is_none(), "another node's pod is not this registry's");
+    assert!(state.workload_by_ip(ip("10.244.0.12")).is_none(), "another uid: another pod's IPs");
+    assert!(state.workload_by_ip(ip("10.244.0.15")).is_none(), "hostNetwork pods are never captured");
+    let local: Vec<String> = state.local_captured("node-a").iter().map(|w| w.name.clone()).collect();
+    assert_eq!(local, ["fresh", "reported"]);
+    // Decided promptly, so their CNI ADDs return at once without enrolling them.
+    assert!(state.known_not_captured("mesh", "opted-out"));
+    assert!(state.known_not_captured("plain", "outside"));
+    assert!(!state.known_not_captured("mesh", "fresh"));
+
+    // Without the registry, as before: IP-less pods are not in the snapshot.
+    i.local_addresses = None;
+    let state = Builder::new(opts()).build_from(&i);
+    assert!(state.workload_by_ip(ip("10.244.0.10")).is_none());
+}
