@@ -75,14 +75,18 @@ pub async fn run_node(config: Arc<Config>) -> Result<(), Error> {
             let socket = &config.cni_socket;
             let listener = cni::bind(socket).map_err(|source| Error::CniSocket { path: socket.clone(), source })?;
             tokio::spawn(cni::serve(listener, registry.clone(), drain.signaled_owned()));
-            cni_registry = Some(registry);
             let client = kube::client(kubeconfig.as_deref()).await?;
             let opts = KubeOptions {
                 trust_domain: config.trust_domain.clone(),
                 node_name: config.node_name.clone(),
                 root_namespace: config.root_namespace.clone(),
             };
-            tokio::spawn(kube::run(client, opts, store.clone(), synced_tx, drain.signaled_owned()));
+            // A pod's IPs from its CNI ADD stand in until kubelet reports them, so the ADD can be
+            // answered (the pod enrolled) before the API shows the pod with an address.
+            let local = kube::LocalAddresses { known: registry.clone(), changes: registry.subscribe() };
+            cni_registry = Some(registry);
+            let source = kube::run_with_local_addresses(client, opts, local, store.clone(), synced_tx, drain.signaled_owned());
+            tokio::spawn(source);
         }
     }
     let certs = cert_manager(&config)?;
@@ -131,6 +135,8 @@ pub async fn run_node(config: Arc<Config>) -> Result<(), Error> {
         served: HashMap::new(),
         drain: drain.clone(),
         config: config.clone(),
+        scan_pending: false,
+        last_scan: None,
     };
     pods.adopt_pinned(&store.load());
     let mut changes = store.subscribe();
@@ -142,8 +148,9 @@ pub async fn run_node(config: Arc<Config>) -> Result<(), Error> {
             _ = int.recv() => break,
             r = changes.changed() => if r.is_err() { break },
             Ok(()) = cni_changes.changed() => {}
-            // Retry pods that failed to enroll (netns not there yet, …).
-            _ = tokio::time::sleep(std::time::Duration::from_secs(2)), if !all_enrolled => {}
+            // Retry pods that failed to enroll (netns not there yet, …) or whose netns the scan
+            // has not found yet.
+            _ = tokio::time::sleep(std::time::Duration::from_secs(2)), if !all_enrolled || pods.scan_pending => {}
         }
     }
     tracing::info!(timeout = ?config.drain_timeout, "draining");
@@ -298,9 +305,60 @@ struct Pods {
     served: HashMap<PodKey, Served>,
     drain: Drain,
     config: Arc<Config>,
+    /// Captured pods here whose netns neither a CNI ADD nor the last `/proc` scan gave.
+    scan_pending: bool,
+    last_scan: Option<std::time::Instant>,
 }
 
+/// Least time between two `/proc` scans for running pods' network namespaces.
+const SCAN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Pods {
+    /// Cluster mode: captured pods of this node with no netns on record are running pods that
+    /// get no CNI ADD (their namespace was labelled after they started, or the agent restarted):
+    /// their netns is found from their cgroup ([`cni::scan_pods_netns`], one pass over `/proc`)
+    /// and registered like an ADD's.
+    fn find_running_pods(&mut self, state: &State) {
+        let Some(registry) = &self.cni else { return };
+        let local = state.local_captured(&self.config.node_name);
+        // A scanned record outlives nothing: once its pod leaves the mesh here it is dropped, so
+        // a later enrolment scans again rather than trust a `/proc/<pid>` path that may be gone.
+        for (pod, e) in registry.snapshot().iter() {
+            let captured = local.iter().any(|w| w.namespace == pod.namespace && w.name == pod.name);
+            if e.pod.source == cni::Source::Scan && !captured {
+                registry.remove(&pod.namespace, &pod.name, None);
+            }
+        }
+        let missing: Vec<Arc<Workload>> = local
+            .into_iter()
+            .filter(|w| w.netns.is_none() && w.uid.is_some() && registry.get(&w.namespace, &w.name).is_none())
+            .collect();
+        self.scan_pending = !missing.is_empty();
+        if missing.is_empty() || self.last_scan.is_some_and(|t| t.elapsed() < SCAN_INTERVAL) {
+            return;
+        }
+        self.last_scan = Some(std::time::Instant::now());
+        let found = cni::scan_pods_netns();
+        let mut still_missing = 0;
+        for w in missing {
+            let uid = w.uid.clone().unwrap_or_default().to_ascii_lowercase();
+            let Some(netns) = found.get(&uid) else {
+                still_missing += 1;
+                continue;
+            };
+            tracing::info!(pod = %format!("{}/{}", w.namespace, w.name), netns = %netns.display(), "running pod found by its cgroup");
+            let entry = cni::PodNetns {
+                netns: netns.clone(),
+                uid,
+                container_id: None,
+                ips: w.ips.clone(),
+                source: cni::Source::Scan,
+            };
+            registry.register(cni::PodRef::new(w.namespace.clone(), w.name.clone()), entry);
+        }
+        self.scan_pending = still_missing > 0;
+    }
+
     /// After a restart, pinned maps may list pods that left while the agent was down.
     fn adopt_pinned(&self, state: &State) {
         let Some(redirect) = &self.redirect else { return };
@@ -330,6 +388,7 @@ impl Pods {
     /// Serves exactly the local captured pods of `state` whose network namespace is known.
     /// Returns whether all of those are enrolled.
     async fn reconcile(&mut self, state: &State) -> bool {
+        self.find_running_pods(state);
         let desired: HashMap<PodKey, _> = state
             .local_captured(&self.config.node_name)
             .into_iter()
