@@ -10,6 +10,7 @@
 
 pub mod authz;
 mod kube;
+mod publish;
 mod root;
 mod service;
 #[cfg(test)]
@@ -238,17 +239,24 @@ pub enum Error {
     Serve(#[from] tonic::transport::Error),
 }
 
-/// `weft ca`: loads (or creates) the root in the Secret, publishes the root certificate, and serves
-/// CreateCertificate on `opts.listener` until `shutdown` resolves.
+/// `weft ca`: loads (or creates) the root in the Secret, publishes the root certificate (in its own
+/// namespace before serving, then in every namespace as they appear), and serves CreateCertificate on
+/// `opts.listener` until `shutdown` resolves.
 pub async fn run(opts: CaOptions, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
     let config = opts.config;
     let root =
         load_or_create_in_secret(&opts.client, &config.namespace, &config.root_secret, &config.trust_domain).await?;
+    let root = Arc::new(root);
+    let stop_publishing = CancellationToken::new();
+    let _stop_on_return = stop_publishing.clone().drop_guard();
     if let Some(cm) = &config.root_configmap {
         publish_root(&opts.client, &config.namespace, cm, &root).await?;
+        let everywhere =
+            publish::publish_in_every_namespace(opts.client.clone(), cm.clone(), root.clone(), stop_publishing.clone());
+        tokio::spawn(everywhere);
     }
     let lookup: Arc<dyn ClusterLookup> = Arc::new(KubeLookup::new(opts.client));
-    serve(opts.listener, Arc::new(root), lookup, &config, shutdown).await
+    serve(opts.listener, root, lookup, &config, shutdown).await
 }
 
 /// Serves CreateCertificate over TLS on `listener` with `root`, deciding with `lookup`, until `shutdown`.

@@ -262,3 +262,36 @@ async fn a_root_supplied_in_the_secret_is_used() {
     assert_eq!(chain.last(), Some(&root));
     ca.stop().await;
 }
+
+/// As Istio's namespace controller does with `istio-ca-root-cert`: the root-certificate ConfigMap is in
+/// every namespace, and in a namespace created after the CA started, applied server-side.
+#[tokio::test]
+async fn the_root_configmap_is_published_in_every_namespace_and_new_ones() {
+    let api = cluster().await;
+    let ca = Ca::start(&api).await;
+    let root = published_root(&api).await;
+    let pem_in = |ns: &'static str| {
+        let api = &api;
+        async move {
+            let cm = api.get("v1", "ConfigMap", Some(ns), "weft-ca-root-cert")?;
+            cm["data"]["root-cert.pem"].as_str().map(str::to_owned)
+        }
+    };
+    let own = pem_in("weft-system").await.expect("own namespace");
+    let shop = eventually("the root ConfigMap in shop (existed before the CA)", || pem_in("shop")).await;
+    assert_eq!(shop, own);
+    assert!(pem_in("late").await.is_none());
+    api.put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "late"}})).unwrap();
+    let late = eventually("the root ConfigMap in a namespace created later", || pem_in("late")).await;
+    assert_eq!(late, own);
+    let der: CertificateDer<'_> = rustls_pki_types::pem::PemObject::from_pem_slice(late.as_bytes()).expect("PEM root");
+    assert_eq!(der.as_ref(), root.as_ref());
+    // Server-side apply by the CA's field manager (what a later apply with another root takes over).
+    let cm = api.get("v1", "ConfigMap", Some("late"), "weft-ca-root-cert").unwrap();
+    let managers: Vec<(&str, &str)> = cm["metadata"]["managedFields"]
+        .as_array()
+        .map(|m| m.iter().filter_map(|f| Some((f["manager"].as_str()?, f["operation"].as_str()?))).collect())
+        .unwrap_or_default();
+    assert_eq!(managers, [("weft-ca", "Apply")], "{cm}");
+    ca.stop().await;
+}

@@ -403,17 +403,20 @@ fn rbac_is_exactly_what_each_component_needs() {
     }
     assert_eq!(waypoint, node, "weft-waypoint: the node agent's reads besides route status");
 
-    // ca_server::kube (TokenReview, pods by name and by node) and ca_server::root (the root Secret,
-    // the root-certificate ConfigMap by server-side apply).
+    // ca_server::kube (TokenReview, pods by name and by node), ca_server::root (the root Secret) and
+    // ca_server::publish (the root-certificate ConfigMap in every namespace, by server-side apply as
+    // namespaces appear).
     let ca = BTreeSet::from([
         grant("cluster", "authentication.k8s.io", "tokenreviews", "create", None),
         grant("cluster", "", "pods", "get", None),
         grant("cluster", "", "pods", "list", None),
+        grant("cluster", "", "namespaces", "list", None),
+        grant("cluster", "", "namespaces", "watch", None),
+        grant("cluster", "", "configmaps", "get", Some(weft::ca_server::DEFAULT_ROOT_CONFIGMAP)),
+        grant("cluster", "", "configmaps", "patch", Some(weft::ca_server::DEFAULT_ROOT_CONFIGMAP)),
+        grant("cluster", "", "configmaps", "create", None),
         grant("weft-system", "", "secrets", "get", Some(weft::ca_server::DEFAULT_ROOT_SECRET)),
         grant("weft-system", "", "secrets", "create", None),
-        grant("weft-system", "", "configmaps", "get", Some(weft::ca_server::DEFAULT_ROOT_CONFIGMAP)),
-        grant("weft-system", "", "configmaps", "patch", Some(weft::ca_server::DEFAULT_ROOT_CONFIGMAP)),
-        grant("weft-system", "", "configmaps", "create", None),
     ]);
     assert_eq!(perms["weft-system/weft-ca"], ca, "weft-ca");
     assert_eq!(perms.len(), 2, "{:?}", perms.keys());

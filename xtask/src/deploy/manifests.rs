@@ -334,23 +334,32 @@ fn waypoint_cluster_role() -> ClusterRole {
     ClusterRole { metadata: meta(WAYPOINT, false, "waypoint"), rules: Some(rules), ..Default::default() }
 }
 
-/// What `weft ca` calls cluster-wide (ca_server::kube): TokenReview for callers, and the pods a
-/// caller asks about (get by name, list by `spec.nodeName`).
+/// What `weft ca` calls cluster-wide: TokenReview for callers and the pods a caller asks about (get
+/// by name, list by `spec.nodeName`) (ca_server::kube); the root-certificate ConfigMap in every
+/// namespace, by server-side apply as namespaces appear (ca_server::publish, like Istio's
+/// `istio-ca-root-cert`). Reads and patches of ConfigMaps are limited to that name; `create` cannot
+/// be limited by name, and a server-side apply that creates is authorized as `create` too.
 fn ca_cluster_role() -> ClusterRole {
+    let root_cm = PolicyRule {
+        resource_names: Some(vec![ca_server::DEFAULT_ROOT_CONFIGMAP.to_owned()]),
+        ..rule("", &["configmaps"], &["get", "patch"])
+    };
     ClusterRole {
         metadata: meta(CA, false, component(CA)),
         rules: Some(vec![
             rule("authentication.k8s.io", &["tokenreviews"], &["create"]),
             rule("", &["pods"], &["get", "list"]),
+            rule("", &["namespaces"], &["list", "watch"]),
+            root_cm,
+            rule("", &["configmaps"], &["create"]),
         ]),
         ..Default::default()
     }
 }
 
-/// What `weft ca` does in its own namespace (ca_server::root): read or create the root Secret, and
-/// server-side apply the root-certificate ConfigMap. Reads and patches are limited to those two
-/// names; `create` cannot be limited by name for a POST, and a server-side apply that creates is
-/// authorized as `create` too.
+/// What `weft ca` does in its own namespace (ca_server::root): read or create the root Secret. Reads
+/// are limited to that name; `create` cannot be limited by name for a POST. (The root-certificate
+/// ConfigMap, this namespace's included, is in the ClusterRole.)
 fn ca_role() -> Role {
     let named = |resource: &str, name: &str, verbs: &[&str]| PolicyRule {
         resource_names: Some(vec![name.to_owned()]),
@@ -361,8 +370,6 @@ fn ca_role() -> Role {
         rules: Some(vec![
             named("secrets", ca_server::DEFAULT_ROOT_SECRET, &["get"]),
             rule("", &["secrets"], &["create"]),
-            named("configmaps", ca_server::DEFAULT_ROOT_CONFIGMAP, &["get", "patch"]),
-            rule("", &["configmaps"], &["create"]),
         ]),
     }
 }
