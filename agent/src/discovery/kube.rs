@@ -5,8 +5,8 @@
 //! (every reflector listed once), and reconnecting. Does not own: the per-object rules (shared with
 //! the file source in `file::build`, so the same objects give the same snapshot), policy semantics
 //! (`policy`), the client's credentials (the caller builds the [`kube::Client`], e.g. with
-//! [`client`]), or Events and status conditions on bad objects (not written yet: bad objects are
-//! left out with a log line naming the field).
+//! [`client`]), or Events and status conditions on bad objects ([`report`]: bad objects are left
+//! out with a log line naming the field, and an Event once a reporter is installed).
 //!
 //! What is watched, cluster-wide:
 //! - Pods: all of them, because the data plane needs remote pods too (the identity and labels of
@@ -39,6 +39,7 @@
 //! content until the relist completes.
 
 mod build;
+pub mod report;
 #[cfg(test)]
 mod tests;
 mod trim;

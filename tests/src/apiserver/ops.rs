@@ -158,6 +158,9 @@ pub fn create(
     if obj["metadata"]["resourceVersion"].as_str().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::bad_request("resourceVersion should not be set on objects to be created"));
     }
+    if (rt.group, rt.kind) == ("events.k8s.io", "Event") {
+        check_event(rt, &obj)?;
+    }
     if name_of(&obj).is_empty() {
         match obj["metadata"]["generateName"].as_str() {
             Some(prefix) if !prefix.is_empty() => {
@@ -449,4 +452,54 @@ pub fn delete(
         }
     }
     Ok(store.commit(key, None))
+}
+
+/// The API server's validation of a new `events.k8s.io/v1` Event (ValidateEventCreate): the fields
+/// a reporter must set, their length limits, and the Event living in its object's namespace.
+fn check_event(rt: &ResourceType, e: &Value) -> Result<(), ApiError> {
+    let name = name_of(e);
+    let bad = |field: &str, why: &str| Err(ApiError::invalid(rt, name, field, why));
+    let text = |f: &str| e[f].as_str().unwrap_or_default();
+    if text("eventTime").is_empty() {
+        return bad("eventTime", "Required value");
+    }
+    for (field, max) in [("reportingController", 100), ("reportingInstance", 128), ("action", 128), ("reason", 128)] {
+        match text(field).len() {
+            0 => return bad(field, "Required value"),
+            n if n > max => return bad(field, &format!("Too long: may not be more than {max} bytes")),
+            _ => {}
+        }
+    }
+    let controller = text("reportingController");
+    let (prefix, short) = controller.rsplit_once('/').unwrap_or(("", controller));
+    let qualified = !short.is_empty()
+        && short.len() <= 63
+        && short.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && short.as_bytes()[0].is_ascii_alphanumeric()
+        && short.as_bytes()[short.len() - 1].is_ascii_alphanumeric()
+        && prefix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b));
+    if !qualified {
+        return bad("reportingController", "must be a qualified name (e.g. example.com/my-controller)");
+    }
+    if !matches!(text("type"), "Normal" | "Warning") {
+        return bad("type", "Unsupported value: supported values: \"Normal\", \"Warning\"");
+    }
+    if text("note").len() > 1024 {
+        return bad("note", "Too long: may not be more than 1024 bytes");
+    }
+    let event_ns = e["metadata"]["namespace"].as_str().unwrap_or_default();
+    if let Some(ns) = e["regarding"]["namespace"].as_str().filter(|ns| !ns.is_empty())
+        && ns != event_ns
+    {
+        return bad("regarding.namespace", "does not match event.namespace");
+    }
+    if let Some(series) = e.get("series").filter(|s| !s.is_null()) {
+        if series["count"].as_i64().unwrap_or(0) < 2 {
+            return bad("series.count", "should be at least 2");
+        }
+        if series["lastObservedTime"].as_str().unwrap_or_default().is_empty() {
+            return bad("series.lastObservedTime", "Required value");
+        }
+    }
+    Ok(())
 }

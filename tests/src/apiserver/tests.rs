@@ -294,3 +294,42 @@ async fn events_from_kube_recorder_are_stored() {
     assert_eq!(list.items.len(), 1, "a repeated event is one object with a series");
     assert_eq!(list.items[0].reason.as_deref(), Some("InvalidPolicy"));
 }
+
+#[tokio::test]
+async fn events_k8s_io_events_are_validated_as_the_api_server_does() {
+    let server = ApiServer::start_new().await.unwrap();
+    let c = client(&server);
+    let events: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        c,
+        "default",
+        &kube::api::ApiResource::erase::<k8s_openapi::api::events::v1::Event>(&()),
+    );
+    let event = |patch: Value| {
+        let mut e = json!({
+            "apiVersion": "events.k8s.io/v1", "kind": "Event",
+            "metadata": {"name": "x.1", "namespace": "default"},
+            "eventTime": "2026-01-01T00:00:00.000000Z", "type": "Warning", "reason": "InvalidConfiguration",
+            "action": "Validate", "reportingController": "weft.io/node", "reportingInstance": "node-a",
+            "note": "spec.x: bad", "regarding": {"kind": "Pod", "namespace": "default", "name": "p"},
+        });
+        for (k, v) in patch.as_object().unwrap() {
+            e[k] = v.clone();
+        }
+        serde_json::from_value::<kube::api::DynamicObject>(e).unwrap()
+    };
+    events.create(&PostParams::default(), &event(json!({}))).await.expect("a complete Event is accepted");
+    for (patch, field) in [
+        (json!({"eventTime": null}), "eventTime"),
+        (json!({"reportingController": ""}), "reportingController"),
+        (json!({"reportingController": "Weft IO/x y"}), "reportingController"),
+        (json!({"action": null}), "action"),
+        (json!({"type": "Error"}), "type"),
+        (json!({"note": "x".repeat(1025)}), "note"),
+        (json!({"regarding": {"kind": "Pod", "namespace": "other", "name": "p"}}), "regarding.namespace"),
+    ] {
+        let mut e = event(patch);
+        e.metadata.name = Some(format!("x.{field}"));
+        let err = events.create(&PostParams::default(), &e).await.expect_err(field);
+        assert!(matches!(&err, kube::Error::Api(s) if s.code == 422 && s.message.contains(field)), "{field}: {err}");
+    }
+}

@@ -109,6 +109,7 @@ impl Builder {
         for p in problems.0.difference(&self.reported) {
             tracing::warn!(problem = %p, "object left out of the mesh state; fix it (the rest applies)");
         }
+        super::report::on_problems(&problems.0, inputs);
         self.reported = problems.0;
         state
     }
