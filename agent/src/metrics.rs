@@ -42,6 +42,8 @@ const TCP_LABELS: [&str; 23] = [
 pub enum Reporter {
     Source,
     Destination,
+    /// A waypoint proxying a connection at L4 (Istio's `reporter="waypoint"`).
+    Waypoint,
 }
 
 /// One side (source or destination) of a connection, as Istio labels it.
@@ -95,6 +97,7 @@ impl ConnLabels {
             match self.reporter {
                 Reporter::Source => "source",
                 Reporter::Destination => "destination",
+                Reporter::Waypoint => "waypoint",
             },
             &s.workload,
             &s.canonical_service,
@@ -166,10 +169,21 @@ impl Metrics {
         }
     }
 
+    /// The registry the TCP families are in; other components (the waypoint's request metrics)
+    /// register theirs here so one `/metrics` serves them all.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// The Prometheus text exposition of everything registered.
     pub fn encode(&self) -> String {
+        Self::encode_registry(&self.registry)
+    }
+
+    /// The Prometheus text exposition of any registry.
+    pub fn encode_registry(registry: &Registry) -> String {
         let mut buf = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding to memory cannot fail");
+        TextEncoder::new().encode(&registry.gather(), &mut buf).expect("text encoding to memory cannot fail");
         String::from_utf8(buf).expect("prometheus text is UTF-8")
     }
 }

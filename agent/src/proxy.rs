@@ -205,8 +205,8 @@ where
     }
 }
 
-/// Istio's labels for one side of a connection.
-fn peer_labels(w: &Workload) -> metrics::Peer {
+/// Istio's labels for one side of a connection (also the waypoint's).
+pub(crate) fn peer_labels(w: &Workload) -> metrics::Peer {
     let label = |k: &str| w.labels.get(k).cloned();
     metrics::Peer {
         workload: w.workload_name.clone(),

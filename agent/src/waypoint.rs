@@ -58,7 +58,9 @@ pub enum Outcome {
     Status(http::StatusCode),
     /// No connection (refused, unreachable, TLS or HBONE CONNECT failure): Envoy's `UF`.
     ConnectFailure,
-    /// The connection or stream was reset after it was established: Envoy's `UR`.
+    /// The connection closed or the stream was reset after it was established. Reported as Envoy's
+    /// `UC` (upstream connection termination); Envoy's `UR` (the endpoint reset the stream) is not told
+    /// apart, as both mean the request got no response on a working connection.
     Reset,
     /// The endpoint did not answer within the (per-try) timeout: Envoy's `UT`.
     Timeout,
@@ -89,7 +91,8 @@ pub struct Options {
 pub struct Waypoint {
     chain: Arc<handler::Chain>,
     listeners: Arc<server::Listeners>,
-    registry: prometheus::Registry,
+    /// TCP families (L4 passthrough, reporter=waypoint) and, in its registry, the request metrics.
+    metrics: Arc<crate::metrics::Metrics>,
     root_namespace: String,
     /// Errors already logged (each configuration problem is logged once, not at every rebuild).
     logged: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -100,14 +103,15 @@ pub struct Waypoint {
 impl Waypoint {
     /// Compiles the current state and returns the waypoint, ready to serve.
     pub fn new(opts: Options) -> Arc<Self> {
-        let registry = prometheus::Registry::new();
+        let metrics = Arc::new(crate::metrics::Metrics::new());
         let chain = Arc::new(handler::Chain {
             me: opts.me.clone(),
             state: opts.state.clone(),
             compiled: arc_swap::ArcSwap::from_pointee(handler::Compiled::default()),
             clusters: cluster::Clusters::new(),
             rate_limits: ratelimit::RateLimits::with_root_namespace(&opts.root_namespace),
-            metrics: telemetry::RequestMetrics::new(&registry),
+            metrics: telemetry::RequestMetrics::new(metrics.registry()),
+            tcp_metrics: metrics.clone(),
             upstream: Arc::new(upstream::Upstream::new(opts.certs.clone(), opts.identity.clone())),
         });
         let listeners = Arc::new(server::Listeners {
@@ -120,7 +124,7 @@ impl Waypoint {
         let wp = Arc::new(Waypoint {
             chain,
             listeners,
-            registry,
+            metrics,
             root_namespace: opts.root_namespace,
             logged: Default::default(),
             ready: false.into(),
@@ -133,9 +137,9 @@ impl Waypoint {
         &self.chain.me
     }
 
-    /// The Prometheus registry request metrics are in.
+    /// The Prometheus registry request and TCP metrics are in.
     pub fn registry(&self) -> &prometheus::Registry {
-        &self.registry
+        self.metrics.registry()
     }
 
     /// Recompiles routes, clusters, L7 policies and rate limits from the current state. Objects that
@@ -152,7 +156,14 @@ impl Waypoint {
             &me.name,
             &self.root_namespace,
         );
-        self.chain.compiled.store(Arc::new(handler::Compiled { routes, authz }));
+        // Errors are the same objects' as above, already reported.
+        let (tcp_authz, _) = crate::policy::l7::L7Policies::compile(
+            &handler::l4_policies(&state.routing.authorization_policies),
+            &me.namespace,
+            &me.name,
+            &self.root_namespace,
+        );
+        self.chain.compiled.store(Arc::new(handler::Compiled { routes, authz, tcp_authz }));
         let now: std::collections::HashSet<String> = errors
             .iter()
             .map(ToString::to_string)
@@ -205,14 +216,7 @@ impl Waypoint {
                 .expect("static response parts")
         };
         match path {
-            "/metrics" | "/stats/prometheus" => {
-                let mut buf = Vec::new();
-                let enc = prometheus::TextEncoder::new();
-                if let Err(e) = prometheus::Encoder::encode(&enc, &self.registry.gather(), &mut buf) {
-                    return reply(500, "text/plain", format!("cannot encode metrics: {e}\n"));
-                }
-                reply(200, "text/plain; version=0.0.4", String::from_utf8_lossy(&buf).into_owned())
-            }
+            "/metrics" | "/stats/prometheus" => reply(200, "text/plain; version=0.0.4", self.metrics.encode()),
             "/healthz/ready" if self.ready.load(std::sync::atomic::Ordering::Acquire) => {
                 reply(200, "text/plain", "ready\n".into())
             }

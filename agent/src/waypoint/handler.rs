@@ -25,10 +25,12 @@ use super::{Outcome, WaypointId};
 use crate::metrics::Peer;
 use crate::policy::Decision;
 use crate::policy::l7::{L7Policies, L7Request};
-use crate::state::{State, StateStore, Workload};
+use crate::proxy::peer_labels;
+use crate::state::{State, StateStore};
 
 mod body;
 mod reply;
+mod tcp;
 #[cfg(test)]
 pub(crate) mod tests;
 
@@ -47,6 +49,14 @@ const RETRY_BACKOFF: Duration = Duration::from_millis(25);
 pub struct Compiled {
     pub routes: RouteTable,
     pub authz: L7Policies,
+    /// The same policies as they apply to connections passed through at L4 ([`l4_policies`]).
+    pub tcp_authz: L7Policies,
+}
+
+/// The AuthorizationPolicies as a TCP connection is judged by them (HTTP-only rules handled as istiod
+/// does for TCP filter chains); compile them with `L7Policies::compile` like the HTTP ones.
+pub fn l4_policies(policies: &[crate::crd::AuthorizationPolicy]) -> Vec<crate::crd::AuthorizationPolicy> {
+    tcp::l4_view(policies)
 }
 
 /// The whole chain, shared by every connection.
@@ -57,6 +67,8 @@ pub struct Chain {
     pub clusters: Clusters,
     pub rate_limits: RateLimits,
     pub metrics: RequestMetrics,
+    /// Istio's TCP metrics for connections passed through at L4 (reporter=waypoint).
+    pub tcp_metrics: Arc<crate::metrics::Metrics>,
     pub upstream: Arc<Upstream>,
 }
 
@@ -67,6 +79,15 @@ impl Handler for Chain {
         req: http::Request<Incoming>,
     ) -> BoxFuture<'static, http::Response<Body>> {
         Box::pin(async move { self.serve(d, req).await })
+    }
+
+    fn tcp(
+        self: Arc<Self>,
+        d: Downstream,
+        req: http::Request<h2::RecvStream>,
+        respond: h2::server::SendResponse<bytes::Bytes>,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(self.serve_tcp(d, req, respond))
     }
 }
 
@@ -164,30 +185,10 @@ fn normalize_path(uri: &mut http::Uri) {
     *uri = http::Uri::from_parts(parts).unwrap_or(original);
 }
 
-/// Istio's peer labels of a workload.
-fn peer(w: &Workload) -> Peer {
-    let label = |k: &str| w.labels.get(k).cloned();
-    let unknown = || crate::metrics::UNKNOWN.to_string();
-    Peer {
-        workload: w.workload_name.clone(),
-        namespace: w.namespace.clone(),
-        principal: w.identity.to_string(),
-        app: label("app").or_else(|| label("app.kubernetes.io/name")).unwrap_or_else(unknown),
-        version: label("version").or_else(|| label("app.kubernetes.io/version")).unwrap_or_else(unknown),
-        canonical_service: label("service.istio.io/canonical-name")
-            .or_else(|| label("app.kubernetes.io/name"))
-            .or_else(|| label("app"))
-            .unwrap_or_else(|| w.workload_name.clone()),
-        canonical_revision: label("service.istio.io/canonical-revision")
-            .or_else(|| label("app.kubernetes.io/version"))
-            .unwrap_or_else(|| "latest".into()),
-    }
-}
-
 /// The source as Istio labels it: its workload when its address is known, else what its identity says.
 fn source_peer(state: &State, d: &Downstream) -> Peer {
     if let Some(w) = state.workload_by_ip(d.peer.ip()) {
-        return peer(w);
+        return peer_labels(w);
     }
     let mut p = Peer::default();
     if let Some(id) = &d.identity {
@@ -434,7 +435,7 @@ impl Chain {
             let Some(endpoint) = endpoint else { return Err(reply::no_healthy_upstream()) };
             tried.push(endpoint.addr);
             record.upstream = Some(endpoint.addr);
-            record.destination = peer(&endpoint.workload);
+            record.destination = peer_labels(&endpoint.workload);
             let Some(req_body) = body.take() else { break };
             let req = upstream_request(parts, protocol, req_body);
             let settings = cluster.settings();

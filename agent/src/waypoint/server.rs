@@ -49,6 +49,15 @@ pub trait Handler: Send + Sync + 'static {
         downstream: Downstream,
         req: http::Request<Incoming>,
     ) -> BoxFuture<'static, http::Response<Body>>;
+
+    /// One tunnel to a service port that is passed through at L4 ([`super::upstream::passthrough`]):
+    /// the handler answers the CONNECT and carries the bytes.
+    fn tcp(
+        self: Arc<Self>,
+        downstream: Downstream,
+        req: http::Request<h2::RecvStream>,
+        respond: h2::server::SendResponse<Bytes>,
+    ) -> BoxFuture<'static, ()>;
 }
 
 /// What the listeners need to know about the waypoint they serve.
@@ -195,11 +204,15 @@ async fn tunnel(
             return answer(&mut respond, 404);
         }
     };
+    let downstream = Downstream { peer, identity: Some(src), service, port: addr.port() };
+    let port = downstream.service.ports.iter().find(|p| p.port == addr.port());
+    if port.is_some_and(super::upstream::passthrough) {
+        return l.handler.clone().tcp(downstream, req, respond).await;
+    }
     let send = match respond.send_response(http::Response::new(()), false) {
         Ok(s) => s,
         Err(e) => return tracing::debug!(%peer, error = %e, "HBONE peer went away before the tunnel opened"),
     };
-    let downstream = Downstream { peer, identity: Some(src), service, port: addr.port() };
     let io = TokioIo::new(H2Io::new(send, req.into_body()));
     let handler = l.handler.clone();
     let svc = hyper::service::service_fn(move |req| {

@@ -67,6 +67,25 @@ impl Protocol {
     }
 }
 
+/// Istio's protocols a waypoint passes through at L4 (`appProtocol`, or the port name `PROTO[-suffix]`).
+/// `https` and `tls` are opaque TLS (the waypoint does not terminate them); `udp` is never proxied.
+const OPAQUE: [&str; 6] = ["tcp", "tls", "https", "mongo", "mysql", "redis"];
+
+/// Whether traffic to this service port is passed through at L4 rather than parsed as HTTP: an
+/// `appProtocol` (or, without one, a port name) naming a non-HTTP protocol. Ports with no
+/// recognizable protocol are served as HTTP, as Istio's waypoints do (they do not sniff).
+pub fn passthrough(port: &ServicePort) -> bool {
+    let is = |s: &str| {
+        let s = s.to_ascii_lowercase();
+        let s = s.strip_prefix("kubernetes.io/").unwrap_or(&s);
+        OPAQUE.iter().any(|p| s == *p || s.starts_with(&format!("{p}-")))
+    };
+    match port.app_protocol.as_deref() {
+        Some(a) => is(a),
+        None => port.name.as_deref().is_some_and(is),
+    }
+}
+
 /// Where and how to send one request.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -119,7 +138,8 @@ pub struct Upstream {
     conns: Arc<Mutex<Conns>>,
 }
 
-type Io = Either<TcpStream, H2Io>;
+/// A byte stream to an endpoint: plaintext TCP or an HBONE tunnel.
+pub type Io = Either<TcpStream, H2Io>;
 
 impl Upstream {
     pub fn new(certs: Arc<CertManager>, identity: Identity) -> Self {
@@ -248,6 +268,14 @@ impl Upstream {
             }
         });
         Ok(sender)
+    }
+
+    /// A byte stream to `t` for L4 passthrough (`t.protocol` is not used): an HBONE tunnel to the
+    /// endpoint's node agent when it is captured, plaintext TCP otherwise, within the connect timeout.
+    pub async fn open(&self, t: &Target) -> Result<Io, Failure> {
+        let key =
+            Key { addr: t.addr, protocol: t.protocol, hbone: t.workload.captured.then(|| t.workload.identity.clone()) };
+        self.dial(t, &key).await
     }
 
     /// A byte stream to the endpoint: plaintext TCP, or a tunnel on the pooled HBONE connection to its node agent.
@@ -404,6 +432,32 @@ mod tests {
 
     fn port(name: Option<&str>, app: Option<&str>) -> ServicePort {
         ServicePort { name: name.map(Into::into), port: 80, target_port: 80, app_protocol: app.map(Into::into) }
+    }
+
+    #[test]
+    fn passthrough_ports_are_the_non_http_istio_protocols() {
+        let cases = [
+            (port(Some("tcp-9000"), None), true),
+            (port(Some("tcp"), None), true),
+            (port(Some("tls-db"), None), true),
+            (port(Some("mongo"), None), true),
+            (port(Some("mysql-primary"), None), true),
+            (port(Some("redis"), None), true),
+            (port(Some("https"), None), true),
+            (port(None, Some("tcp")), true),
+            (port(None, Some("kubernetes.io/tls")), true),
+            (port(Some("tcp-x"), Some("http")), false),
+            (port(Some("http"), Some("mysql")), true),
+            (port(Some("http"), None), false),
+            (port(Some("grpc"), None), false),
+            (port(Some("tcpx"), None), false),
+            (port(Some("web"), None), false),
+            (port(None, None), false),
+            (port(None, Some("kubernetes.io/h2c")), false),
+        ];
+        for (p, want) in cases {
+            assert_eq!(passthrough(&p), want, "{p:?}");
+        }
     }
 
     #[test]

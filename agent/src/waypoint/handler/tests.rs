@@ -23,6 +23,7 @@ use crate::state::{State, StateStore, Workload};
 use crate::waypoint::{Options, Waypoint, WaypointId};
 
 mod route_cases;
+mod tcp;
 
 const TD: &str = "cluster.local";
 pub(crate) const REVIEWS_VIP: &str = "10.96.0.20:9080";
