@@ -111,8 +111,58 @@ impl Drop for NodeAgent {
     }
 }
 
+/// A process in the pod's network namespace, in a cgroup named like kubelet's for pod `uid`
+/// (`…-pod<uid>`), as a running pod's containers are: what the agent's `/proc` scan finds.
+/// Killed, and its cgroup removed, on drop.
+struct PodProcess {
+    child: std::process::Child,
+    cgroup: PathBuf,
+}
+
+impl PodProcess {
+    fn start(pod: &Pod, uid: &str) -> PodProcess {
+        // cgroup v2: at /sys/fs/cgroup, or at /sys/fs/cgroup/unified on a hybrid host (this one).
+        let root = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|r| r.join("cgroup.controllers").exists())
+            .expect("a cgroup v2 hierarchy at /sys/fs/cgroup or /sys/fs/cgroup/unified");
+        let cgroup = root.join(format!("weft-t-clmode-pod{uid}"));
+        std::fs::create_dir(&cgroup).expect("create a pod cgroup (needs root)");
+        let netns = Path::new(weft::netns::NAMED_NETNS_DIR).join(&pod.netns);
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", netns.display()))
+            .args(["sleep", "300"])
+            .spawn()
+            .expect("spawn nsenter sleep");
+        let guard = PodProcess { child, cgroup };
+        std::fs::write(guard.cgroup.join("cgroup.procs"), guard.child.id().to_string()).expect("move into the pod cgroup");
+        guard
+    }
+}
+
+impl Drop for PodProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // rmdir only succeeds once the cgroup is empty: bounded wait for the kill to land.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.cgroup).is_ok() || !self.cgroup.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("could not remove {}", self.cgroup.display());
+    }
+}
+
 /// `weft cni` as a runtime invokes it for ADD; returns (success, stdout, stderr).
 fn cni_add(pod: &Pod, socket: &Path) -> (bool, String, String) {
+    cni_add_uid(pod, socket, &format!("uid-{}", pod.name()))
+}
+
+/// [`cni_add`] with the pod's `K8S_POD_UID`.
+fn cni_add_uid(pod: &Pod, socket: &Path, uid: &str) -> (bool, String, String) {
     let netns = Path::new(weft::netns::NAMED_NETNS_DIR).join(&pod.netns);
     let prev = json!({
         "cniVersion": "1.0.0",
@@ -123,7 +173,6 @@ fn cni_add(pod: &Pod, socket: &Path) -> (bool, String, String) {
         "cniVersion": "1.0.0", "name": "weft-test", "type": "weft-cni",
         "weft_socket": socket, "timeout_secs": 15.0, "prevResult": prev,
     });
-    let uid = format!("uid-{}", pod.name());
     let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={NS};K8S_POD_NAME={};K8S_POD_UID={uid}", pod.name());
     let mut child = Command::new(weft_bin())
         .arg("cni")
@@ -163,10 +212,15 @@ fn namespace_label_enrolls_and_unenrolls_pods_through_cni_with_the_cluster_ca() 
         .namespace(NS, Mode::Plain)
         .pod(PodSpec::new("client", NS).sa("client"))
         .pod(PodSpec::new("server", NS).sa("server").port("http", 8080))
+        .pod(PodSpec::new("fresh", NS).sa("fresh").port("http", 8080))
+        .pod(PodSpec::new("running", NS).sa("running").port("http", 8080))
         .build()
         .unwrap();
     let (client, server) = (topo.pod("client"), topo.pod("server"));
+    let (fresh, running) = (topo.pod("fresh"), topo.pod("running"));
     let _srv = server.serve_http(8080).unwrap();
+    let _fresh_srv = fresh.serve_http(8080).unwrap();
+    let _running_srv = running.serve_http(8080).unwrap();
     let node = format!("weft-{}", topo.name());
 
     // The cluster: the API double, the CA, and the files a DaemonSet pod would have mounted.
@@ -174,7 +228,7 @@ fn namespace_label_enrolls_and_unenrolls_pods_through_cni_with_the_cluster_ca() 
     let api = rt.block_on(ApiServer::start_new()).expect("API double");
     api.put(namespace(false)).unwrap();
     api.put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "weft-system"}})).unwrap();
-    for sa in ["client", "server"] {
+    for sa in ["client", "server", "fresh", "running"] {
         api.put(json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": sa, "namespace": NS}}))
             .unwrap();
     }
@@ -190,6 +244,13 @@ fn namespace_label_enrolls_and_unenrolls_pods_through_cni_with_the_cluster_ca() 
     for p in [client, server] {
         api.put(pod_object(p, &node)).unwrap();
     }
+    // Started before its namespace is labelled: it will get no CNI ADD.
+    let running_uid = api.put(pod_object(running, &node)).unwrap()["metadata"]["uid"].as_str().unwrap().to_owned();
+    let _running_proc = PodProcess::start(running, &running_uid);
+    // Sandbox being created: kubelet has not reported its IP yet (the CNI ADD comes first).
+    let mut fresh_obj = pod_object(fresh, &node);
+    fresh_obj["status"] = json!({"phase": "Pending"});
+    let fresh_uid = api.put(fresh_obj).unwrap()["metadata"]["uid"].as_str().unwrap().to_owned();
     let mut user = TokenUser::service_account(
         "weft-system",
         "weft-node",
@@ -297,6 +358,11 @@ fn namespace_label_enrolls_and_unenrolls_pods_through_cni_with_the_cluster_ca() 
         assert!(ok, "CNI ADD of {} failed: stdout {stdout} stderr {stderr}", p.name());
     }
     let add_took = t_add.elapsed();
+    // (2b) A pod the API shows without an IP: ADD enrolls it with the IP of the CNI result.
+    assert_eq!(agent.captured("fresh"), None, "no IP in the API and no ADD yet: not in the state");
+    let (ok, stdout, stderr) = cni_add_uid(fresh, &socket, &fresh_uid);
+    assert!(ok, "CNI ADD of an IP-less pod failed: stdout {stdout} stderr {stderr}");
+    assert_eq!(agent.captured("fresh"), Some(true));
     // No retry: ADD returned, so both pods are enrolled and the next connection is tunnelled.
     let body = get(client, server, "clmode-mesh");
     assert!(!body.contains(&plain_peer), "enrolled pods should go through the agent: {body}");
@@ -310,6 +376,29 @@ fn namespace_label_enrolls_and_unenrolls_pods_through_cni_with_the_cluster_ca() 
             agent.get(&agent.opts.metrics_addr, "/metrics").unwrap_or_default()
         )
     });
+
+    // The IP-less pod and the running pod (no ADD: found by its cgroup) get mutual TLS.
+    for (p, marker) in [(fresh, "clmode-fresh"), (running, "clmode-running")] {
+        let want = [
+            ("reporter", "destination"),
+            ("source_principal", &*spiffe(NS, "client")),
+            ("destination_principal", &*spiffe(NS, p.name())),
+            ("connection_security_policy", "mutual_tls"),
+        ];
+        let n = poll(Duration::from_secs(10), Duration::from_millis(200), || {
+            let body = weft_tests::scenario::get(client, &weft_tests::scenario::pod_url(p, 8080), marker).ok()?;
+            assert!(!body.contains(&plain_peer), "{} should be reached through the mesh: {body}", p.name());
+            let n = agent.metrics().sum("istio_tcp_connections_opened_total", &want);
+            (n >= 1.0).then_some(n)
+        });
+        assert!(n.is_some(), "no mutual-TLS connection to {} in the metrics", p.name());
+    }
+    // The API's status catches up: same IP, the pod stays enrolled.
+    api.put(pod_object(fresh, &node)).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(agent.captured("fresh"), Some(true));
+    let body = get(client, fresh, "clmode-fresh-after-status");
+    assert!(!body.contains(&plain_peer), "{body}");
 
     // (3) Unlabel: the pods leave the mesh, traffic is plaintext again and not counted.
     api.put(namespace(false)).unwrap();
