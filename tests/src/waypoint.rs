@@ -1,6 +1,6 @@
-//! A waypoint as a child process inside its own pod: `weft waypoint --config <mesh.yaml> …` run
-//! with `ip netns exec`, sharing the node agent's state dir (the local CA root) so both hold
-//! certificates of one mesh. Its admin/metrics/ready ports are Istio's standard ones inside the
+//! A waypoint as a child process inside its own pod: `weft waypoint --config <mesh.yaml> …` (or,
+//! in cluster mode, `--kubeconfig …`) run with `ip netns exec`, sharing the node agent's state dir
+//! (the local CA root, in local mode) so both hold certificates of one mesh. Its admin/metrics/ready ports are Istio's standard ones inside the
 //! pod's netns, so scrapes run `curl` in the pod.
 //!
 //! Owns starting, readiness and scrapes; it asserts nothing about the waypoint's behaviour.
@@ -30,30 +30,55 @@ impl Waypoint {
     /// Starts `weft waypoint` (the binary `bin`, e.g. [`crate::weft_bin`]) for Gateway
     /// `namespace/name` in `pod` and waits until it is ready.
     pub fn start(topo: &Topology, bin: &Path, pod: &str, namespace: &str, name: &str) -> Result<Waypoint> {
+        let source = ["--config".to_string(), topo.mesh_path().display().to_string()];
+        Self::spawn(topo, bin, pod, namespace, name, &source)
+    }
+
+    /// Cluster mode: `weft waypoint --kubeconfig …` with `cluster` (the kubeconfig, CA address,
+    /// server name, root certificate and token flags) instead of `--config`. The addresses in
+    /// them must be reachable from inside `pod`'s network namespace.
+    pub fn start_cluster(
+        topo: &Topology,
+        bin: &Path,
+        pod: &str,
+        namespace: &str,
+        name: &str,
+        cluster: &[String],
+    ) -> Result<Waypoint> {
+        Self::spawn(topo, bin, pod, namespace, name, cluster)
+    }
+
+    fn spawn(
+        topo: &Topology,
+        bin: &Path,
+        pod: &str,
+        namespace: &str,
+        name: &str,
+        source: &[String],
+    ) -> Result<Waypoint> {
         let pod = topo.pod(pod).clone();
         let state = topo.dir().join("state");
         std::fs::create_dir_all(&state)?;
         let log = topo.dir().join(format!("waypoint-{name}.log"));
-        let args: Vec<String> = [
-            "netns",
-            "exec",
-            &pod.netns,
-            &bin.display().to_string(),
-            "waypoint",
-            "--config",
-            &topo.mesh_path().display().to_string(),
-            "--state-dir",
-            &state.display().to_string(),
-            "--namespace",
-            namespace,
-            "--name",
-            name,
-            "--log-format",
-            "text",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut args: Vec<String> = ["netns", "exec", &pod.netns, &bin.display().to_string(), "waypoint"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.extend(source.iter().cloned());
+        args.extend(
+            [
+                "--state-dir",
+                &state.display().to_string(),
+                "--namespace",
+                namespace,
+                "--name",
+                name,
+                "--log-format",
+                "text",
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
         let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info,weft=debug".into());
         let env = [("RUST_LOG", rust_log.as_str()), ("NO_COLOR", "1")];
         let bg = Background::spawn_with_env("weft waypoint", "ip", &args, &env, &log, Io::Log)?;
