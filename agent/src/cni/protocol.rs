@@ -148,6 +148,21 @@ mod tests {
         assert_eq!(status.op, Op::Status);
     }
 
+    /// What the agent enrolls an IP-less pod with: the uid (to tell a recreated pod from its namesake)
+    /// and the prevResult IPs. A plugin that sends neither still parses: both default to empty.
+    #[test]
+    fn add_carries_uid_and_prev_result_ips_and_tolerates_their_absence() {
+        let full = r#"{"v":1,"op":"add","namespace":"demo","name":"web","uid":"0b5f0c4e-6a0e-4f3e-9d1a-2c8e1f7a9b10",
+            "container_id":"c1","netns":"/var/run/netns/cni-1","ifname":"eth0","ips":["10.244.1.5","fd00::5"],"wait_ms":5000}"#;
+        let Op::Add(add) = serde_json::from_str::<Request>(full).unwrap().op else { panic!("not an add") };
+        assert_eq!(add.uid, "0b5f0c4e-6a0e-4f3e-9d1a-2c8e1f7a9b10");
+        assert_eq!(add.ips, ["10.244.1.5".parse::<IpAddr>().unwrap(), "fd00::5".parse().unwrap()]);
+        let bare = r#"{"v":1,"op":"add","namespace":"demo","name":"web","container_id":"c1","netns":"/n","wait_ms":0}"#;
+        let Op::Add(add) = serde_json::from_str::<Request>(bare).unwrap().op else { panic!("not an add") };
+        assert!(add.uid.is_empty() && add.ips.is_empty() && add.ifname.is_empty());
+        assert!(serde_json::from_str::<Request>(r#"{"v":1,"op":"add","namespace":"demo","name":"web"}"#).is_err());
+    }
+
     #[test]
     fn responses_round_trip() {
         for outcome in [Outcome::Enrolled, Outcome::NotCaptured, Outcome::Error { message: "no".into() }] {
