@@ -85,7 +85,8 @@ pub async fn run_node(config: Arc<Config>) -> Result<(), Error> {
             // answered (the pod enrolled) before the API shows the pod with an address.
             let local = kube::LocalAddresses { known: registry.clone(), changes: registry.subscribe() };
             cni_registry = Some(registry);
-            let source = kube::run_with_local_addresses(client, opts, local, store.clone(), synced_tx, drain.signaled_owned());
+            let source =
+                kube::run_with_local_addresses(client, opts, local, store.clone(), synced_tx, drain.signaled_owned());
             tokio::spawn(source);
         }
     }

@@ -136,7 +136,8 @@ impl PodProcess {
             .spawn()
             .expect("spawn nsenter sleep");
         let guard = PodProcess { child, cgroup };
-        std::fs::write(guard.cgroup.join("cgroup.procs"), guard.child.id().to_string()).expect("move into the pod cgroup");
+        std::fs::write(guard.cgroup.join("cgroup.procs"), guard.child.id().to_string())
+            .expect("move into the pod cgroup");
         guard
     }
 }

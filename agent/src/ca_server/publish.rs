@@ -70,7 +70,13 @@ pub async fn publish_in_every_namespace(client: Client, name: String, root: Arc<
 }
 
 /// `true` once the ConfigMap is applied in `namespace`.
-async fn apply_with_retries(client: &Client, namespace: &str, name: &str, root: &CaRoot, stop: &CancellationToken) -> bool {
+async fn apply_with_retries(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    root: &CaRoot,
+    stop: &CancellationToken,
+) -> bool {
     let mut wait = FIRST_RETRY;
     for attempt in 1..=ATTEMPTS {
         match publish_root(client, namespace, name, root).await {
