@@ -76,6 +76,10 @@ pub async fn run_node(config: Arc<Config>) -> Result<(), Error> {
             let listener = cni::bind(socket).map_err(|source| Error::CniSocket { path: socket.clone(), source })?;
             tokio::spawn(cni::serve(listener, registry.clone(), drain.signaled_owned()));
             let client = kube::client(kubeconfig.as_deref()).await?;
+            // Events on objects the snapshots leave out (bad policies), off the data path.
+            let reporter =
+                kube::report::Reporter::spawn(client.clone(), kube::report::NODE_CONTROLLER, &config.node_name);
+            kube::report::install(reporter);
             let opts = KubeOptions {
                 trust_domain: config.trust_domain.clone(),
                 node_name: config.node_name.clone(),
@@ -169,6 +173,7 @@ pub async fn run_waypoint(config: Arc<crate::config::WaypointConfig>) -> Result<
     let drain = Drain::new();
     let store = Arc::new(StateStore::new(State::default()));
     let (synced_tx, mut synced) = watch::channel(false);
+    let mut reporting = None;
     match &base.source {
         Source::File(path) => {
             let opts = FileOptions {
@@ -184,6 +189,7 @@ pub async fn run_waypoint(config: Arc<crate::config::WaypointConfig>) -> Result<
             // The kube source watches every namespace; the node name only selects pods to capture,
             // which a waypoint does not do.
             let client = kube::client(kubeconfig.as_deref()).await?;
+            reporting = Some(client.clone());
             let opts = KubeOptions {
                 trust_domain: base.trust_domain.clone(),
                 node_name: base.node_name.clone(),
@@ -203,6 +209,15 @@ pub async fn run_waypoint(config: Arc<crate::config::WaypointConfig>) -> Result<
         state: store.clone(),
     });
     tokio::spawn(waypoint.clone().watch(drain.clone()));
+    if let Some(client) = reporting {
+        // Events on bad configuration and HTTPRoute status (cluster mode), off the data path.
+        let instance = std::env::var("HOSTNAME").unwrap_or_else(|_| me.to_string());
+        let reporter = kube::report::Reporter::spawn(client.clone(), kube::report::WAYPOINT_CONTROLLER, &instance);
+        let compile = waypoint_problems(me.clone(), base.root_namespace.clone());
+        let ids = (me.namespace.clone(), me.name.clone());
+        let shutdown = drain.signaled_owned();
+        tokio::spawn(kube::report::watch_waypoint(client, store.clone(), ids, reporter, compile, shutdown));
+    }
 
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr).await.map_err(|source| Error::Listen { addr, source })
@@ -239,6 +254,26 @@ pub async fn run_waypoint(config: Arc<crate::config::WaypointConfig>) -> Result<
     let left = drain.drain_and_wait(base.drain_timeout).await;
     tracing::info!(connections_cut = left, "stopped");
     Ok(())
+}
+
+/// What a waypoint's compilers reject, for its Events and HTTPRoute status: a compile of its own,
+/// beside the serving one, so the data path is not involved.
+fn waypoint_problems(
+    me: crate::waypoint::WaypointId,
+    root_namespace: String,
+) -> impl Fn(&State) -> Vec<kube::report::Problem> + Send {
+    use crate::waypoint::{cluster::Clusters, ratelimit::RateLimits, route::RouteTable};
+    move |state| {
+        let (_, mut errors) = RouteTable::build(state, &me);
+        errors.extend(Clusters::new().update(state, &me));
+        errors.extend(RateLimits::with_root_namespace(&root_namespace).update(state, &me));
+        let rules = &state.routing.authorization_policies;
+        let (_, policy) = crate::policy::l7::L7Policies::compile(rules, &me.namespace, &me.name, &root_namespace);
+        let problem = |e: &crate::waypoint::ConfigError| {
+            kube::report::Problem::new(e.kind, &e.namespace, &e.name, &e.field, &e.reason)
+        };
+        errors.iter().map(problem).chain(policy.iter().map(kube::report::Problem::from)).collect()
+    }
 }
 
 /// Local mode: the in-process CA. Cluster mode: `weft ca` over gRPC, trusted through the mesh root.

@@ -245,7 +245,7 @@ mod tests {
     #[test]
     fn merge_keeps_other_controllers_and_transition_times() {
         let other = json!({"parentRef": parent("a"), "controllerName": "example.com/other", "conditions": []});
-        let first = merge(&[other.clone()], &[ok("a")], 1, "2026-01-01T00:00:00Z");
+        let first = merge(std::slice::from_ref(&other), &[ok("a")], 1, "2026-01-01T00:00:00Z");
         assert_eq!(first.len(), 2);
         assert_eq!(first[0], other, "another controller's entry stays as it was");
         assert_eq!(first[1]["conditions"][0]["observedGeneration"], 1);
