@@ -91,6 +91,11 @@ impl VsCache {
                 "several VirtualServices name this service; the oldest is used");
         }
         let entries = self.compiled.entry(chosen).or_insert_with(|| compile(ctx, &vss[chosen], errors));
+        // Every rule left out (or none for HTTP): Istio's webhook would have refused such an object, so
+        // the service keeps its default route instead of answering 404 to everything.
+        if entries.is_empty() {
+            return None;
+        }
         Some(entries.clone())
     }
 }

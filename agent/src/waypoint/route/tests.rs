@@ -458,3 +458,23 @@ fn bad_input_is_reported_and_the_rest_serves() {
     // The good rules of the same object still route (the cases of the BAD scenario check each one).
     assert!(table.routes("demo", "b1").iter().any(|r| r.name == "good"));
 }
+
+#[test]
+fn a_virtual_service_with_no_usable_rule_leaves_the_default_route() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: { name: all-bad, namespace: demo }
+spec:
+  hosts: [ratings]
+  http:
+  - match:
+    - headers: { user-agent: { regex: "(unclosed" } }
+    route:
+    - destination: { host: ratings }
+"#;
+    let state = world(yaml);
+    let (table, errors) = RouteTable::build(&state, &me());
+    assert!(errors.iter().any(|e| e.field == "spec.http[0].match[0].headers.user-agent.regex"), "{errors:#?}");
+    assert_eq!(table.source("demo", "ratings"), Some(RouteSource::Default), "no 404 for the whole service");
+}
