@@ -135,52 +135,48 @@ pub(super) async fn handle(proxy: Arc<Proxy>, pod: Arc<Pod>, tcp: TcpStream, pee
             );
         }
         Route::Waypoint { via, via_ip, service, target } => {
-            let labels = labels(&src, Some(&via), Some(&service), target, true);
-            let tunnel = open_tunnel(&proxy, &pod, &src, &via, via_ip, target).await;
-            let (send, recv) = match tunnel {
-                Ok(t) => t,
-                Err(e) => return refuse_after_connect(tcp, &pod, target, &e),
-            };
-            let conn = proxy.metrics.conn_opened(&labels);
-            let (copied, res) = hbone::copy(tcp, send, recv).await;
-            conn.closed(copied.to_tunnel, copied.from_tunnel);
-            access_log(
-                &pod,
-                peer,
-                orig,
-                SocketAddr::new(via_ip, HBONE_PORT),
-                &src.identity,
-                Some(&via.identity),
-                copied.to_tunnel,
-                copied.from_tunnel,
-                started,
-                res.err().map(|e| e.to_string()),
-            );
+            tunnel(&proxy, &pod, &src, tcp, (peer, orig, started), &via, Some(&service), via_ip, target).await
         }
         Route::Mesh { dest, service, target } => {
-            let labels = labels(&src, Some(&dest), service.as_deref(), target, true);
-            let tunnel = open_tunnel(&proxy, &pod, &src, &dest, target.ip(), target).await;
-            let (send, recv) = match tunnel {
-                Ok(t) => t,
-                Err(e) => return refuse_after_connect(tcp, &pod, target, &e),
-            };
-            let conn = proxy.metrics.conn_opened(&labels);
-            let (copied, res) = hbone::copy(tcp, send, recv).await;
-            conn.closed(copied.to_tunnel, copied.from_tunnel);
-            access_log(
-                &pod,
-                peer,
-                orig,
-                target,
-                &src.identity,
-                Some(&dest.identity),
-                copied.to_tunnel,
-                copied.from_tunnel,
-                started,
-                res.err().map(|e| e.to_string()),
-            );
+            tunnel(&proxy, &pod, &src, tcp, (peer, orig, started), &dest, service.as_deref(), target.ip(), target).await
         }
     }
+}
+
+/// Carries a captured connection over HBONE to `hbone_peer` (at `hbone_ip`: the destination pod, or
+/// the service's waypoint), asking for `target`, and accounts for it.
+#[allow(clippy::too_many_arguments)]
+async fn tunnel(
+    proxy: &Arc<Proxy>,
+    pod: &Arc<Pod>,
+    src: &Workload,
+    tcp: TcpStream,
+    (peer, orig, started): (SocketAddr, SocketAddr, Instant),
+    hbone_peer: &Workload,
+    service: Option<&Service>,
+    hbone_ip: std::net::IpAddr,
+    target: SocketAddr,
+) {
+    let labels = labels(src, Some(hbone_peer), service, target, true);
+    let (send, recv) = match open_tunnel(proxy, pod, src, hbone_peer, hbone_ip, target).await {
+        Ok(t) => t,
+        Err(e) => return refuse_after_connect(tcp, pod, target, &e),
+    };
+    let conn = proxy.metrics.conn_opened(&labels);
+    let (copied, res) = hbone::copy(tcp, send, recv).await;
+    conn.closed(copied.to_tunnel, copied.from_tunnel);
+    access_log(
+        pod,
+        peer,
+        orig,
+        target,
+        &src.identity,
+        Some(&hbone_peer.identity),
+        copied.to_tunnel,
+        copied.from_tunnel,
+        started,
+        res.err().map(|e| e.to_string()),
+    );
 }
 
 /// A CONNECT stream for `target` over the pooled HBONE connection to `dest` at `dest_ip` (the
