@@ -299,11 +299,8 @@ async fn events_from_kube_recorder_are_stored() {
 async fn events_k8s_io_events_are_validated_as_the_api_server_does() {
     let server = ApiServer::start_new().await.unwrap();
     let c = client(&server);
-    let events: Api<kube::api::DynamicObject> = Api::namespaced_with(
-        c,
-        "default",
-        &kube::api::ApiResource::erase::<k8s_openapi::api::events::v1::Event>(&()),
-    );
+    let events: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(c, "default", &kube::api::ApiResource::erase::<k8s_openapi::api::events::v1::Event>(&()));
     let event = |patch: Value| {
         let mut e = json!({
             "apiVersion": "events.k8s.io/v1", "kind": "Event",
