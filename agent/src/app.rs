@@ -52,6 +52,26 @@ pub enum Error {
     Signal(std::io::Error),
 }
 
+/// Local mode, for `weft node` and `weft waypoint` alike: the first load must succeed (a bad file is
+/// a startup error naming the field), later changes are watched and a bad one keeps the last good state.
+fn start_file_source(
+    config: &Config,
+    path: &std::path::Path,
+    store: &Arc<StateStore>,
+    synced: &watch::Sender<bool>,
+    drain: &Drain,
+) -> Result<(), Error> {
+    let opts = FileOptions {
+        trust_domain: config.trust_domain.clone(),
+        node_name: config.node_name.clone(),
+        root_namespace: config.root_namespace.clone(),
+    };
+    store.replace(file::load(path, &opts)?);
+    synced.send_replace(true);
+    tokio::spawn(file::watch(path.to_path_buf(), opts, store.clone(), drain.signaled_owned()));
+    Ok(())
+}
+
 /// `weft node`: runs until SIGTERM or SIGINT.
 pub async fn run_node(config: Arc<Config>) -> Result<(), Error> {
     let drain = Drain::new();
@@ -60,16 +80,7 @@ pub async fn run_node(config: Arc<Config>) -> Result<(), Error> {
     let (synced_tx, mut synced) = watch::channel(false);
     let mut cni_registry = None;
     match &config.source {
-        Source::File(path) => {
-            let opts = FileOptions {
-                trust_domain: config.trust_domain.clone(),
-                node_name: config.node_name.clone(),
-                root_namespace: config.root_namespace.clone(),
-            };
-            store.replace(file::load(path, &opts)?);
-            synced_tx.send_replace(true);
-            tokio::spawn(file::watch(path.clone(), opts, store.clone(), drain.signaled_owned()));
-        }
+        Source::File(path) => start_file_source(&config, path, &store, &synced_tx, &drain)?,
         Source::Kube { kubeconfig } => {
             let registry = Arc::new(PodNetnsRegistry::new());
             let socket = &config.cni_socket;
@@ -175,16 +186,7 @@ pub async fn run_waypoint(config: Arc<crate::config::WaypointConfig>) -> Result<
     let (synced_tx, mut synced) = watch::channel(false);
     let mut reporting = None;
     match &base.source {
-        Source::File(path) => {
-            let opts = FileOptions {
-                trust_domain: base.trust_domain.clone(),
-                node_name: base.node_name.clone(),
-                root_namespace: base.root_namespace.clone(),
-            };
-            store.replace(file::load(path, &opts)?);
-            synced_tx.send_replace(true);
-            tokio::spawn(file::watch(path.clone(), opts, store.clone(), drain.signaled_owned()));
-        }
+        Source::File(path) => start_file_source(base, path, &store, &synced_tx, &drain)?,
         Source::Kube { kubeconfig } => {
             // The kube source watches every namespace; the node name only selects pods to capture,
             // which a waypoint does not do.
