@@ -3,7 +3,8 @@
 //! both hold certificates from an in-process `weft ca` (the waypoint with its own ServiceAccount
 //! token), pods are enrolled through the real CNI plugin. Configuration arrives through the API
 //! only: `end-user: jason` → v2 else v1 from a VirtualService + DestinationRule, a change of the
-//! VirtualService takes effect without a restart, an L7 DENY AuthorizationPolicy answers 403, and
+//! VirtualService takes effect without a restart, 80/20 v1/v2 over 400 requests, a 50% fault abort,
+//! `.*Safari.*` → v1, an L7 DENY AuthorizationPolicy answers 403, and
 //! a VirtualService with an invalid regex is left out (logged with its field) while the rest keeps
 //! routing. Needs root and the `weft` and `weft-probe` binaries.
 
@@ -452,6 +453,38 @@ fn waypoint_in_cluster_mode_applies_configuration_from_the_api() {
     });
     assert_eq!(served_by(&requests(client, &reviews, 20, &["end-user: mallory"])), only("200 reviews-v2", 20));
     assert_eq!(served_by(&requests(client, &reviews, 10, &["end-user: jason"])), only("200 reviews-v2", 10));
+
+    // (2b) 80/20 between v1 and v2, then a 50% fault abort, both through the API (each change is seen
+    // by an answer the previous configuration could not give), then back to 100% v2.
+    let split = json!([{"route": [
+        {"destination": {"host": "reviews", "subset": "v1"}, "weight": 80},
+        {"destination": {"host": "reviews", "subset": "v2"}, "weight": 20},
+    ]}]);
+    api.put(reviews_vs(split)).unwrap();
+    within(Duration::from_secs(5), "80/20 VirtualService", || {
+        requests(client, &reviews, 40, &[]).iter().any(|(_, by)| by == "reviews-v1")
+    });
+    let got = requests(client, &reviews, 400, &[]);
+    let v2 = got.iter().filter(|(s, by)| *s == 200 && by == "reviews-v2").count();
+    let v1 = got.iter().filter(|(s, by)| *s == 200 && by == "reviews-v1").count();
+    assert_eq!(v1 + v2, 400, "{:?}", served_by(&got));
+    // 400 draws of p=0.2: σ = 8, so ±40 is five sigma.
+    assert!((40..=120).contains(&v2), "v2 got {v2} of 400, expected about 80 (20%)");
+    let fault =
+        json!([{"route": [to_subset("v2")], "fault": {"abort": {"httpStatus": 503, "percentage": {"value": 50}}}}]);
+    api.put(reviews_vs(fault)).unwrap();
+    within(Duration::from_secs(5), "fault VirtualService", || {
+        requests(client, &reviews, 20, &[]).iter().any(|(s, _)| *s == 503)
+    });
+    let faulted = requests(client, &reviews, 200, &[]);
+    let aborted = faulted.iter().filter(|(s, _)| *s == 503).count();
+    let ok = faulted.iter().filter(|(s, by)| *s == 200 && by == "reviews-v2").count();
+    assert_eq!(aborted + ok, 200, "{:?}", served_by(&faulted));
+    assert!((65..=135).contains(&aborted), "fault abort 50%: {aborted} of 200 aborted");
+    api.put(reviews_vs(json!([{"route": [to_subset("v2")]}]))).unwrap();
+    within(Duration::from_secs(5), "100% v2 again", || {
+        requests(client, &reviews, 20, &[]).iter().all(|(s, by)| *s == 200 && by == "reviews-v2")
+    });
 
     // (3) An L7 DENY AuthorizationPolicy on the waypoint, through the API: POST /admin/* is 403 with
     // Istio's body, GET still passes.
