@@ -5,6 +5,7 @@
 //!
 //! Owns starting, readiness and scrapes; it asserts nothing about the waypoint's behaviour.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -138,4 +139,40 @@ impl Drop for Waypoint {
             );
         }
     }
+}
+
+/// `n` GETs to `url` from `pod` in one curl (one kept-alive connection, so every request is routed
+/// by the waypoint on its own), curl given `limit` in all; returns the HTTP status and the backend's
+/// `x-served-by` of each. Panics when curl answered fewer than `n`.
+pub fn requests(pod: &Pod, url: &str, n: usize, headers: &[&str], limit: Duration) -> Vec<(u16, String)> {
+    let mut args: Vec<String> = vec!["curl".into(), "-sS".into(), "--max-time".into(), limit.as_secs().to_string()];
+    for h in headers {
+        args.extend(["-H".into(), h.to_string()]);
+    }
+    // One line per response: status and the backend that answered.
+    args.extend(["-w".into(), "%{http_code} %header{x-served-by}\\n".into()]);
+    // `-o` applies to one URL: discard each body.
+    for _ in 0..n {
+        args.extend(["-o".into(), "/dev/null".into(), url.into()]);
+    }
+    let out = pod.exec(&args, limit + Duration::from_secs(10)).unwrap();
+    let got: Vec<(u16, String)> = out
+        .stdout
+        .lines()
+        .map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next().and_then(|c| c.parse().ok()).unwrap_or(0), f.next().unwrap_or("-").to_string())
+        })
+        .collect();
+    assert_eq!(got.len(), n, "curl answered {} of {n} requests: {out}", got.len());
+    got
+}
+
+/// `"STATUS BACKEND"` → how many of `got` had it.
+pub fn served_by(got: &[(u16, String)]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for (status, by) in got {
+        *m.entry(format!("{status} {by}")).or_default() += 1;
+    }
+    m
 }

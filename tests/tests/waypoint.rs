@@ -11,7 +11,7 @@ use std::time::Duration;
 use weft_tests::mesh::spiffe;
 use weft_tests::scenario::MESH_NS;
 use weft_tests::topology::TopologyBuilder;
-use weft_tests::waypoint::GATEWAY_NAME_LABEL;
+use weft_tests::waypoint::{GATEWAY_NAME_LABEL, served_by};
 use weft_tests::{
     Agent, AgentOptions, Mode, Pod, PodSpec, ServiceSpec, Topology, Waypoint, poll, require_root, weft_bin,
 };
@@ -88,38 +88,9 @@ spec:
     )
 }
 
-/// `n` GETs to `url` from `pod` in one curl (one kept-alive connection, so every request is
-/// routed by the waypoint on its own); returns the HTTP status and `x-served-by` of each.
+/// [`weft_tests::waypoint::requests`] with this suite's curl limit.
 fn requests(pod: &Pod, url: &str, n: usize, headers: &[&str]) -> Vec<(u16, String)> {
-    let mut args: Vec<String> = vec!["curl".into(), "-sS".into(), "--max-time".into(), "60".into()];
-    for h in headers {
-        args.extend(["-H".into(), h.to_string()]);
-    }
-    // One line per response: status and the backend that answered.
-    args.extend(["-w".into(), "%{http_code} %header{x-served-by}\\n".into()]);
-    // `-o` applies to one URL: discard each body.
-    for _ in 0..n {
-        args.extend(["-o".into(), "/dev/null".into(), url.into()]);
-    }
-    let out = pod.exec(&args, Duration::from_secs(70)).unwrap();
-    let got: Vec<(u16, String)> = out
-        .stdout
-        .lines()
-        .map(|l| {
-            let mut f = l.split_whitespace();
-            (f.next().and_then(|c| c.parse().ok()).unwrap_or(0), f.next().unwrap_or("-").to_string())
-        })
-        .collect();
-    assert_eq!(got.len(), n, "curl answered {} of {n} requests: {out}", got.len());
-    got
-}
-
-fn served_by(got: &[(u16, String)]) -> BTreeMap<String, usize> {
-    let mut m = BTreeMap::new();
-    for (status, by) in got {
-        *m.entry(format!("{status} {by}")).or_default() += 1;
-    }
-    m
+    weft_tests::waypoint::requests(pod, url, n, headers, Duration::from_secs(60))
 }
 
 /// Rewrites mesh.yaml with `docs` and waits until `check` holds (both the agent and the waypoint
