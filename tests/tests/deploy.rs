@@ -25,7 +25,6 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-#[path = "deploy/structural.rs"]
 mod structural;
 use structural::structural;
 
