@@ -31,6 +31,7 @@ use crate::netns::Netns;
 use crate::proxy::{OriginalDst, PodHandle, Proxy};
 use crate::redirect::{self, Redirect};
 use crate::state::{State, StateStore, Workload};
+use crate::uninstall;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -79,6 +80,8 @@ pub async fn run_node(config: Arc<Config>) -> Result<(), Error> {
     // Flips to true once the source has delivered a complete first snapshot.
     let (synced_tx, mut synced) = watch::channel(false);
     let mut cni_registry = None;
+    // Cluster mode: asks, on SIGTERM, whether weft is being uninstalled from this node.
+    let mut api_client = None;
     match &config.source {
         Source::File(path) => start_file_source(&config, path, &store, &synced_tx, &drain)?,
         Source::Kube { kubeconfig } => {
@@ -87,6 +90,7 @@ pub async fn run_node(config: Arc<Config>) -> Result<(), Error> {
             let listener = cni::bind(socket).map_err(|source| Error::CniSocket { path: socket.clone(), source })?;
             tokio::spawn(cni::serve(listener, registry.clone(), drain.signaled_owned()));
             let client = kube::client(kubeconfig.as_deref()).await?;
+            api_client = Some(client.clone());
             // Events on objects the snapshots leave out (bad policies), off the data path.
             let reporter =
                 kube::report::Reporter::spawn(client.clone(), kube::report::NODE_CONTROLLER, &config.node_name);
@@ -169,11 +173,57 @@ pub async fn run_node(config: Arc<Config>) -> Result<(), Error> {
             _ = tokio::time::sleep(std::time::Duration::from_secs(2)), if !all_enrolled || pods.scan_pending => {}
         }
     }
-    tracing::info!(timeout = ?config.drain_timeout, "draining");
     admin.ready.store(false, Ordering::Release);
+    let removal = match (&api_client, &config.self_pod) {
+        (Some(client), Some(me)) => uninstall_verdict(client, me, &config).await,
+        _ => None,
+    };
+    tracing::info!(timeout = ?config.drain_timeout, "draining");
     let left = drain.drain_and_wait(config.drain_timeout).await;
     tracing::info!(connections_cut = left, "stopped");
+    if let Some(inst) = removal {
+        // Only now, with the tunnels drained: from here on enrolled pods' traffic flows plainly.
+        match uninstall::remove_redirect(&inst) {
+            Ok(()) => tracing::info!(pin_dir = %config.bpf_pin_dir.display(), "eBPF programs detached and unpinned"),
+            Err(e) => tracing::error!(error = %e, "uninstall incomplete"),
+        }
+    }
     Ok(())
+}
+
+/// On SIGTERM in cluster mode: whether this is an uninstall (see [`uninstall`]). If it is, the
+/// CNI plugin is removed at once, so no new pod waits for this agent; the eBPF programs are left
+/// for the caller to remove after the drain.
+async fn uninstall_verdict(
+    client: &::kube::Client,
+    me: &uninstall::SelfPod,
+    config: &Config,
+) -> Option<uninstall::Installation> {
+    match uninstall::decide(client, me).await {
+        uninstall::Verdict::Keep(reason) => {
+            tracing::info!(%reason, "leaving the CNI plugin and eBPF programs in place");
+            None
+        }
+        uninstall::Verdict::Remove(reason) => {
+            tracing::info!(%reason, "weft is being uninstalled from this node: removing the CNI plugin and eBPF programs");
+            let inst = uninstall::Installation {
+                cni_conf_dir: config.cni_conf_dir.clone(),
+                cni_bin_dir: config.cni_bin_dir.clone(),
+                redirect: matches!(config.redirect, RedirectMode::Ebpf).then(|| redirect::Options {
+                    pin_dir: config.bpf_pin_dir.clone(),
+                    cgroup: config.cgroup.clone(),
+                    per_connection_events: config.bpf_connection_events,
+                }),
+            };
+            match uninstall::remove_cni(&inst) {
+                Ok(removed) => tracing::info!(
+                    conf_dir = %inst.cni_conf_dir.display(), removed, "CNI plugin entry and binary removed"
+                ),
+                Err(e) => tracing::error!(error = %e, "uninstall incomplete"),
+            }
+            Some(inst)
+        }
+    }
 }
 
 /// `weft waypoint`: the L7 proxy for Gateway `namespace/name`. Same sources, CA modes, admin ports,

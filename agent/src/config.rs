@@ -10,6 +10,12 @@ use std::time::Duration;
 
 /// Environment variable: this node's name (the DaemonSet sets it from `spec.nodeName`).
 pub const NODE_NAME_ENV: &str = "NODE_NAME";
+/// Environment variables: the agent's own pod (the DaemonSet sets them from the downward API).
+pub const POD_NAME_ENV: &str = "POD_NAME";
+pub const POD_NAMESPACE_ENV: &str = "POD_NAMESPACE";
+/// The node's CNI directories, where `weft cni install` puts the plugin.
+pub const DEFAULT_CNI_CONF_DIR: &str = "/etc/cni/net.d";
+pub const DEFAULT_CNI_BIN_DIR: &str = "/opt/cni/bin";
 /// Environment variable: SPIFFE trust domain.
 pub const TRUST_DOMAIN_ENV: &str = "TRUST_DOMAIN";
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
@@ -97,6 +103,20 @@ pub struct NodeArgs {
     /// This node's name; pods with another `spec.nodeName` are not served here.
     #[arg(long, env = NODE_NAME_ENV, default_value = "local")]
     pub node_name: String,
+    /// Cluster mode: the agent's own pod. On SIGTERM the agent looks up the DaemonSet owning it:
+    /// when that is gone or being deleted, weft is being uninstalled and the agent removes its CNI
+    /// plugin and eBPF programs from the node; otherwise (restart, upgrade) it leaves them.
+    /// Without it nothing is ever removed.
+    #[arg(long, env = POD_NAME_ENV, requires = "pod_namespace")]
+    pub pod_name: Option<String>,
+    #[arg(long, env = POD_NAMESPACE_ENV)]
+    pub pod_namespace: Option<String>,
+    /// Cluster mode: the CNI configuration directory `weft cni install` chained the plugin into.
+    #[arg(long, default_value = DEFAULT_CNI_CONF_DIR)]
+    pub cni_conf_dir: PathBuf,
+    /// Cluster mode: the CNI binary directory `weft cni install` copied the plugin to.
+    #[arg(long, default_value = DEFAULT_CNI_BIN_DIR)]
+    pub cni_bin_dir: PathBuf,
     #[arg(long, env = TRUST_DOMAIN_ENV, default_value = DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
     /// Where the local CA keeps its root key and certificate.
@@ -145,6 +165,10 @@ pub struct Config {
     pub ca_server_name: Option<String>,
     /// Cluster mode: where the CNI plugin reaches the agent.
     pub cni_socket: PathBuf,
+    /// Cluster mode: the agent's own pod, to tell an uninstall from a restart on SIGTERM.
+    pub self_pod: Option<crate::uninstall::SelfPod>,
+    pub cni_conf_dir: PathBuf,
+    pub cni_bin_dir: PathBuf,
     pub node_name: String,
     pub trust_domain: String,
     pub root_namespace: String,
@@ -205,6 +229,12 @@ impl Config {
             ca,
             ca_server_name: a.ca_server_name,
             cni_socket: a.cni_socket,
+            self_pod: match (a.pod_name, a.pod_namespace) {
+                (Some(name), Some(namespace)) => Some(crate::uninstall::SelfPod { namespace, name }),
+                _ => None,
+            },
+            cni_conf_dir: a.cni_conf_dir,
+            cni_bin_dir: a.cni_bin_dir,
             node_name: a.node_name,
             trust_domain: a.trust_domain,
             root_namespace: DEFAULT_ROOT_NAMESPACE.to_string(),
@@ -326,6 +356,11 @@ impl WaypointConfig {
             ca_root_cert: a.ca_root_cert,
             token_path: a.token_path,
             cni_socket: DEFAULT_CNI_SOCKET.into(),
+            // A waypoint is a Deployment: it has no node installation to remove.
+            pod_name: None,
+            pod_namespace: None,
+            cni_conf_dir: DEFAULT_CNI_CONF_DIR.into(),
+            cni_bin_dir: DEFAULT_CNI_BIN_DIR.into(),
             node_name: format!("waypoint-{}", a.name),
             trust_domain: a.trust_domain,
             state_dir: a.state_dir,

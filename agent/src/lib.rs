@@ -4,7 +4,7 @@
 //! - bottom: `config`, `crd`, `identity`, `netns`, `drain`, `metrics`, `policy`, `state`
 //! - middle: `discovery` (feeds `state`), `redirect` (eBPF), `proxy` (HBONE tunnel, in-pod listeners),
 //!   `waypoint` (L7 proxy; uses `proxy::hbone`)
-//! - top: `admin` (HTTP endpoints), `app`
+//! - top: `admin` (HTTP endpoints), `uninstall` (removing weft from a node), `app`
 #![deny(unsafe_code)]
 
 pub mod admin;
@@ -23,4 +23,5 @@ pub mod policy;
 pub mod proxy;
 pub mod redirect;
 pub mod state;
+pub mod uninstall;
 pub mod waypoint;

@@ -248,6 +248,7 @@ fn builtin_resources() -> BTreeMap<(String, String), Vec<&'static str>> {
         r::<ConfigMap>(),
         r::<EndpointSlice>(),
         r::<k8s_openapi::api::events::v1::Event>(),
+        r::<k8s_openapi::api::apps::v1::DaemonSet>(),
     ] {
         m.insert(k, STANDARD.to_vec());
     }
@@ -389,7 +390,11 @@ fn rbac_is_exactly_what_each_component_needs() {
     }
     node.insert(grant("cluster", "events.k8s.io", "events", "create", None));
     node.insert(grant("cluster", "events.k8s.io", "events", "patch", None));
-    assert_eq!(perms["weft-system/weft-node"], node, "weft-node");
+    // Its own DaemonSet, to tell an uninstall from a restart on SIGTERM (weft::uninstall).
+    let own_daemon_set = grant("weft-system", "apps", "daemonsets", "get", Some("weft-node"));
+    let mut node_and_own = node.clone();
+    node_and_own.insert(own_daemon_set);
+    assert_eq!(perms["weft-system/weft-node"], node_and_own, "weft-node");
 
     // Waypoints read what node agents read and write HTTPRoute status. The ClusterRole is bound per
     // waypoint ServiceAccount by `weft ctl waypoint apply`, not in the install.

@@ -109,6 +109,8 @@ pub static TYPES: &[ResourceType] = &[
     rt("discovery.k8s.io", V1, "EndpointSlice", "endpointslices", "endpointslice", true, false),
     // What `weft ctl waypoint apply` writes.
     rt("apps", V1, "Deployment", "deployments", "deployment", true, true),
+    // The node agent's own DaemonSet: whether it still exists tells an uninstall from a restart.
+    ResourceType { short_names: &["ds"], ..rt("apps", V1, "DaemonSet", "daemonsets", "daemonset", true, true) },
     rt(
         "rbac.authorization.k8s.io",
         V1,

@@ -44,8 +44,8 @@ const HOST_CGROUP: &str = "/host/sys/fs/cgroup";
 const HOST_PROC: &str = "/host/proc";
 /// The node's CNI directories, mounted at their own paths so `weft cni install` works with the
 /// standard locations it defaults to.
-const CNI_BIN: &str = "/opt/cni/bin";
-const CNI_CONF: &str = "/etc/cni/net.d";
+const CNI_BIN: &str = config::DEFAULT_CNI_BIN_DIR;
+const CNI_CONF: &str = config::DEFAULT_CNI_CONF_DIR;
 /// Istio's lifetime for the projected `istio-ca` token; the kubelet refreshes it at 80%.
 const TOKEN_EXPIRATION_SECS: i64 = 43200;
 const PART_OF: &str = "weft";
@@ -147,12 +147,14 @@ pub fn objects(v: &Values) -> Result<Vec<Doc>> {
         doc("node.yaml", &service_account(NODE))?,
         doc("node.yaml", &node_cluster_role())?,
         doc("node.yaml", &cluster_role_binding(NODE))?,
+        doc("node.yaml", &node_role())?,
+        doc("node.yaml", &role_binding(NODE))?,
         doc("node.yaml", &node_daemon_set(v, &w))?,
         doc("ca.yaml", &service_account(CA))?,
         doc("ca.yaml", &ca_cluster_role())?,
         doc("ca.yaml", &cluster_role_binding(CA))?,
         doc("ca.yaml", &ca_role())?,
-        doc("ca.yaml", &ca_role_binding())?,
+        doc("ca.yaml", &role_binding(CA))?,
         doc("ca.yaml", &ca_deployment(v, &w))?,
         doc("ca.yaml", &ca_service(&w))?,
         doc("waypoint.yaml", &waypoint_cluster_role())?,
@@ -374,6 +376,20 @@ fn ca_role() -> Role {
     }
 }
 
+/// Reading its own DaemonSet, and nothing else of its namespace: on SIGTERM the node agent tells an
+/// uninstall (DaemonSet gone or being deleted: remove the CNI plugin and eBPF programs) from a
+/// restart or upgrade (leave them), as Istio's CNI agent does. Its own pod it reads through the
+/// ClusterRole.
+fn node_role() -> Role {
+    Role {
+        metadata: meta(NODE, true, component(NODE)),
+        rules: Some(vec![PolicyRule {
+            resource_names: Some(vec![NODE.to_owned()]),
+            ..rule("apps", &["daemonsets"], &["get"])
+        }]),
+    }
+}
+
 fn subject(name: &str) -> Subject {
     Subject {
         kind: "ServiceAccount".to_owned(),
@@ -395,11 +411,11 @@ fn cluster_role_binding(name: &str) -> ClusterRoleBinding {
     }
 }
 
-fn ca_role_binding() -> RoleBinding {
+fn role_binding(name: &str) -> RoleBinding {
     RoleBinding {
-        metadata: meta(CA, true, component(CA)),
-        role_ref: role_ref("Role", CA),
-        subjects: Some(vec![subject(CA)]),
+        metadata: meta(name, true, component(name)),
+        role_ref: role_ref("Role", name),
+        subjects: Some(vec![subject(name)]),
     }
 }
 
@@ -488,6 +504,8 @@ fn node_daemon_set(v: &Values, w: &Wiring) -> DaemonSet {
         args: Some(strings(&["--cgroup", HOST_CGROUP])),
         env: Some(vec![
             env_field(config::NODE_NAME_ENV, "spec.nodeName"),
+            env_field(config::POD_NAME_ENV, "metadata.name"),
+            env_field(config::POD_NAMESPACE_ENV, "metadata.namespace"),
             env(config::TRUST_DOMAIN_ENV, &v.trust_domain),
             env("RUST_LOG", &v.log_level),
         ]),
@@ -511,6 +529,9 @@ fn node_daemon_set(v: &Values, w: &Wiring) -> DaemonSet {
             mount("cni-socket", &w.cni_socket_dir, false, None),
             mount("istio-token", &w.token_dir, true, None),
             mount("ca-root", &w.root_dir, true, None),
+            // To remove the plugin `install-cni` put there, when weft is uninstalled.
+            mount("cni-bin", CNI_BIN, false, None),
+            mount("cni-conf", CNI_CONF, false, None),
         ]),
         ..Default::default()
     };
