@@ -10,10 +10,11 @@
 //!
 //! What is watched, cluster-wide:
 //! - Pods: all of them, because the data plane needs remote pods too (the identity and labels of
-//!   a destination IP). Memory stays low because each pod is trimmed before the reflector stores it
-//!   ([`trim::pod`]): name, namespace, labels, service account, node, host network, named container
-//!   ports, phase and IPs. A metadata-only watch cannot be used: IPs, node and service account
-//!   live in spec and status. Which pods this node serves is decided by `spec.nodeName` in
+//!   a destination IP). Memory stays low because only the fields the agent uses are read from the
+//!   API's JSON ([`trim::KeptPod`]) and trimmed further before the reflector stores them
+//!   ([`trim::pod`]): name, namespace, labels, uid, service account, node, host network, named
+//!   container ports, phase and IPs. A metadata-only watch cannot be used: IPs, node and service
+//!   account live in spec and status. Which pods this node serves is decided by `spec.nodeName` in
 //!   [`State::local_captured`]. Pods' network namespaces are unknown here (`Workload::netns` stays
 //!   `None`): the CNI plugin supplies them.
 //! - Namespaces: metadata only (name and labels, for `istio.io/dataplane-mode=ambient`). All of
@@ -52,7 +53,7 @@ use std::time::Duration;
 
 use futures::stream::{BoxStream, SelectAll};
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ApiResource, DynamicObject, PartialObjectMeta};
 use kube::runtime::reflector::{self, Store};
@@ -184,7 +185,7 @@ enum Outcome {
 /// The reflector stores the snapshot is built from.
 #[derive(Clone)]
 struct Stores {
-    pods: Store<Pod>,
+    pods: Store<trim::KeptPod>,
     namespaces: Store<PartialObjectMeta<Namespace>>,
     services: Store<Service>,
     slices: Store<EndpointSlice>,

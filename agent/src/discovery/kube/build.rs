@@ -2,7 +2,6 @@
 //! the file, a cluster is never rejected as a whole: an object that breaks a rule is left out and
 //! logged with its field, once per distinct problem (not at every rebuild).
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::IpAddr;
@@ -13,9 +12,12 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::DynamicObject;
 use serde::de::DeserializeOwned;
 
+use super::trim::KeptPod;
 use super::{KubeOptions, Stores};
 use crate::crd::{AuthorizationPolicy, PeerAuthentication};
-use crate::discovery::file::build::{Endpoints, PodsByNamespace, describe, name_of, ns_of, service, workload};
+use crate::discovery::file::build::{
+    Bad, Endpoints, FieldIps, PodsByNamespace, describe, name_of, ns_of, service, workload,
+};
 use crate::policy::Policies;
 use crate::state::{LocalPodAddresses, RoutingConfig, State, Workload};
 
@@ -25,7 +27,7 @@ pub(super) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// The objects one snapshot is built from (what the stores held at one moment).
 #[derive(Default)]
 pub(super) struct Inputs {
-    pub pods: Vec<Arc<Pod>>,
+    pub pods: Vec<Arc<KeptPod>>,
     /// Namespace name → labels.
     pub namespaces: HashMap<String, BTreeMap<String, String>>,
     pub services: Vec<Arc<KubeService>>,
@@ -74,11 +76,21 @@ pub(super) struct Builder {
     /// compiler logs its warnings, which would otherwise repeat at every pod change).
     policy_fingerprint: Option<u64>,
     local_addresses: Option<Arc<dyn LocalPodAddresses>>,
+    /// Each pod's workload from the previous snapshot, reused while the pod object and its
+    /// namespace's labels are unchanged: a rebuild (every policy or service change) then costs
+    /// no allocation per pod, and snapshots share the workloads.
+    workloads: WorkloadCache,
 }
 
 impl Builder {
     pub fn new(opts: KubeOptions) -> Builder {
-        Builder { opts, reported: HashSet::new(), policy_fingerprint: None, local_addresses: None }
+        Builder {
+            opts,
+            reported: HashSet::new(),
+            policy_fingerprint: None,
+            local_addresses: None,
+            workloads: WorkloadCache::default(),
+        }
     }
 
     /// Pods of this node without an IP in the API get the IPs `known` has for them.
@@ -105,7 +117,7 @@ impl Builder {
 
     pub(super) fn build_from(&mut self, inputs: &Inputs) -> State {
         let mut problems = Problems::default();
-        let state = build(inputs, &self.opts, &mut problems, &mut self.policy_fingerprint);
+        let state = build(inputs, &self.opts, &mut problems, &mut self.policy_fingerprint, &mut self.workloads);
         for p in problems.0.difference(&self.reported) {
             tracing::warn!(problem = %p, "object left out of the mesh state; fix it (the rest applies)");
         }
@@ -125,30 +137,86 @@ impl Problems {
     }
 }
 
-fn build(inputs: &Inputs, opts: &KubeOptions, problems: &mut Problems, policy_fingerprint: &mut Option<u64>) -> State {
+/// A pod's workload as last built, keyed by the address of the stored pod object (the reflector
+/// replaces the `Arc` whenever the pod changes, and the entry holds it so the address stays
+/// taken).
+#[derive(Default)]
+pub(super) struct WorkloadCache(HashMap<usize, CachedWorkload>);
+
+struct CachedWorkload {
+    pod: Arc<KeptPod>,
+    /// Hash of the labels of the pod's namespace when it was built (ambient or not).
+    namespace_labels: u64,
+    built: Result<(Arc<Workload>, FieldIps), Bad>,
+}
+
+fn labels_hash(labels: Option<&BTreeMap<String, String>>) -> u64 {
+    let mut h = DefaultHasher::new();
+    labels.hash(&mut h);
+    h.finish()
+}
+
+fn build(
+    inputs: &Inputs,
+    opts: &KubeOptions,
+    problems: &mut Problems,
+    policy_fingerprint: &mut Option<u64>,
+    cache: &mut WorkloadCache,
+) -> State {
     let known = inputs.local_addresses.as_deref();
-    let mut pods: Vec<Cow<'_, Pod>> =
-        inputs.pods.iter().filter_map(|p| with_known_ips(p, &opts.node_name, known)).collect();
+    let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+    for s in &inputs.slices {
+        if let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) {
+            slices.entry((ns_of(&s.metadata), svc.as_str())).or_default().push(s);
+        }
+    }
+    // Only a service without EndpointSlices resolves its endpoints (and named ports) from the
+    // pods of its namespace: only there must the pods themselves be at hand.
+    let selector_namespaces: HashSet<&str> = inputs
+        .services
+        .iter()
+        .filter(|s| !slices.contains_key(&(ns_of(&s.metadata), name_of(&s.metadata))))
+        .map(|s| ns_of(&s.metadata))
+        .collect();
+    let namespace_labels: HashMap<&str, u64> =
+        inputs.namespaces.iter().map(|(n, l)| (n.as_str(), labels_hash(Some(l)))).collect();
+
+    let mut pods: Vec<&Arc<KeptPod>> = inputs.pods.iter().collect();
     pods.sort_by(|a, b| (ns_of(&a.metadata), name_of(&a.metadata)).cmp(&(ns_of(&b.metadata), name_of(&b.metadata))));
 
-    let mut workloads_by_ip: HashMap<IpAddr, Arc<Workload>> = HashMap::new();
-    let mut by_namespace: PodsByNamespace<'_> = HashMap::new();
-    for pod in pods.iter().map(Cow::as_ref) {
-        let object = describe("Pod", &pod.metadata, true);
-        let (w, ips) = match workload(pod, &inputs.namespaces, None, &opts.trust_domain) {
+    let mut previous = std::mem::take(&mut cache.0);
+    let mut workloads_by_ip: HashMap<IpAddr, Arc<Workload>> = HashMap::with_capacity(pods.len());
+    let mut selectable: Vec<(Pod, Arc<Workload>)> = Vec::new();
+    for kept in pods {
+        let namespace = ns_of(&kept.metadata);
+        let ns_hash = namespace_labels.get(namespace).copied().unwrap_or_else(|| labels_hash(None));
+        let key = Arc::as_ptr(kept) as usize;
+        let reused = previous.remove(&key).filter(|c| Arc::ptr_eq(&c.pod, kept) && c.namespace_labels == ns_hash);
+        let materialized = selector_namespaces.contains(namespace).then(|| kept.to_pod());
+        let built = match reused {
+            // Taken with the API's IPs: unaffected by the CNI registry.
+            Some(c) if serves_traffic(kept) => c.built,
+            _ => {
+                let Some(pod) = with_known_ips(kept, &opts.node_name, known) else { continue };
+                workload(&pod, &inputs.namespaces, None, &opts.trust_domain).map(|(w, ips)| (Arc::new(w), ips))
+            }
+        };
+        if serves_traffic(kept) {
+            cache.0.insert(key, CachedWorkload { pod: kept.clone(), namespace_labels: ns_hash, built: built.clone() });
+        }
+        let (w, ips) = match built {
             Ok(r) => r,
             Err(bad) => {
-                problems.add(&object, &bad.field, &bad.reason);
+                problems.add(&describe("Pod", &kept.metadata, true), &bad.field, &bad.reason);
                 continue;
             }
         };
-        let w = Arc::new(w);
         // Name order decides which of two pods claiming one IP wins (a stale pod whose IP was
         // reused before the API server saw it leave).
         for (field, ip) in ips {
             if let Some(other) = workloads_by_ip.get(&ip) {
                 problems.add(
-                    &object,
+                    &describe("Pod", &kept.metadata, true),
                     &field,
                     &format!("{ip} is already the IP of Pod {}/{}", other.namespace, other.name),
                 );
@@ -156,14 +224,13 @@ fn build(inputs: &Inputs, opts: &KubeOptions, problems: &mut Problems, policy_fi
             }
             workloads_by_ip.insert(ip, w.clone());
         }
-        by_namespace.entry(ns_of(&pod.metadata)).or_default().push((pod, w));
-    }
-
-    let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
-    for s in &inputs.slices {
-        if let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) {
-            slices.entry((ns_of(&s.metadata), svc.as_str())).or_default().push(s);
+        if let Some(pod) = materialized {
+            selectable.push((pod, w));
         }
+    }
+    let mut by_namespace: PodsByNamespace<'_> = HashMap::new();
+    for (pod, w) in &selectable {
+        by_namespace.entry(ns_of(&pod.metadata)).or_default().push((pod, w.clone()));
     }
 
     let mut services: Vec<&KubeService> = inputs.services.iter().map(Arc::as_ref).collect();
@@ -224,13 +291,13 @@ fn build(inputs: &Inputs, opts: &KubeOptions, problems: &mut Problems, policy_fi
 /// `known` has for it when it is on `node`, would serve traffic and the API has no IP for it yet
 /// (between the CNI ADD and kubelet's status update); `None` otherwise. The API's IPs win as soon
 /// as it has some.
-fn with_known_ips<'a>(pod: &'a Pod, node: &str, known: Option<&dyn LocalPodAddresses>) -> Option<Cow<'a, Pod>> {
-    if serves_traffic(pod) {
-        return Some(Cow::Borrowed(pod));
+fn with_known_ips(kept: &KeptPod, node: &str, known: Option<&dyn LocalPodAddresses>) -> Option<Pod> {
+    if serves_traffic(kept) {
+        return Some(kept.to_pod());
     }
     let known = known?;
-    let (spec, meta) = (pod.spec.as_ref()?, &pod.metadata);
-    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    let (spec, meta) = (kept.spec.as_ref()?, &kept.metadata);
+    let phase = kept.status.as_ref().and_then(|s| s.phase.as_deref());
     if spec.node_name.as_deref() != Some(node)
         || spec.host_network == Some(true)
         || matches!(phase, Some("Succeeded" | "Failed"))
@@ -239,17 +306,17 @@ fn with_known_ips<'a>(pod: &'a Pod, node: &str, known: Option<&dyn LocalPodAddre
     }
     let ips = known.pod_ips(ns_of(meta), name_of(meta), meta.uid.as_deref().unwrap_or_default())?;
     let first = ips.first()?;
-    let mut pod = pod.clone();
+    let mut pod = kept.to_pod();
     let status = pod.status.get_or_insert_with(Default::default);
     status.pod_ip = Some(first.to_string());
     status.pod_ips = Some(ips.iter().map(|ip| PodIP { ip: ip.to_string() }).collect());
-    Some(Cow::Owned(pod))
+    Some(pod)
 }
 
 /// Pods that have or may have an IP of their own: not finished, not on the host network (those
 /// share the node's address, so an IP cannot tell them apart; Istio never captures them), and
 /// scheduled with an address (a pending pod has none yet: not an error, just not there).
-fn serves_traffic(p: &Pod) -> bool {
+fn serves_traffic(p: &KeptPod) -> bool {
     let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
     let host_network = p.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false);
     let has_ip = p.status.as_ref().is_some_and(|s| {

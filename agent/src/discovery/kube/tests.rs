@@ -2,7 +2,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{DynamicObject, PartialObjectMeta};
 use serde::Deserialize;
@@ -35,7 +35,7 @@ fn inputs(yaml: &str) -> Inputs {
                 i.namespaces.insert(n.metadata.name.clone().unwrap(), n.metadata.labels.clone().unwrap_or_default());
             }
             "Pod" => {
-                let mut p: Pod = serde_json::from_value(v).unwrap();
+                let mut p: trim::KeptPod = serde_json::from_value(v).unwrap();
                 trim::pod(&mut p);
                 i.pods.push(Arc::new(p));
             }
@@ -492,4 +492,37 @@ fn pods_without_an_api_ip_take_the_cni_ips_of_this_node() {
     i.local_addresses = None;
     let state = Builder::new(opts()).build_from(&i);
     assert!(state.workload_by_ip(ip("10.244.0.10")).is_none());
+}
+
+#[test]
+fn a_rebuild_reuses_unchanged_workloads_and_redoes_those_whose_namespace_changed() {
+    let mut builder = Builder::new(opts());
+    let mut inputs = inputs(MESH);
+    let first = builder.build_from(&inputs);
+    let second = builder.build_from(&inputs);
+    for (ip, w) in &first.workloads_by_ip {
+        assert!(Arc::ptr_eq(w, &second.workloads_by_ip[ip]), "{ip}: unchanged pod, same workload");
+    }
+    let outside = ip("10.10.2.2");
+    assert!(!second.workloads_by_ip[&outside].captured);
+
+    // The plain namespace joins the mesh: its pod is rebuilt (captured), the others are kept.
+    inputs
+        .namespaces
+        .insert("plain".into(), BTreeMap::from([("istio.io/dataplane-mode".to_string(), "ambient".to_string())]));
+    let third = builder.build_from(&inputs);
+    assert!(third.workloads_by_ip[&outside].captured, "namespace labels changed: workload rebuilt");
+    let client = ip("10.10.1.2");
+    assert!(Arc::ptr_eq(&second.workloads_by_ip[&client], &third.workloads_by_ip[&client]));
+
+    // A changed pod object (a new Arc from the reflector) is rebuilt.
+    let i = inputs.pods.iter().position(|p| p.metadata.name.as_deref() == Some("client")).unwrap();
+    let mut changed = (*inputs.pods[i]).clone();
+    changed.metadata.labels.get_or_insert_with(Default::default).insert("version".into(), "v2".into());
+    inputs.pods[i] = Arc::new(changed);
+    let fourth = builder.build_from(&inputs);
+    assert_eq!(fourth.workloads_by_ip[&client].labels.get("version").map(String::as_str), Some("v2"));
+    let fresh = Builder::new(opts()).build_from(&inputs);
+    let sorted = |s: &State| s.workloads_by_ip.iter().map(|(ip, w)| (*ip, (**w).clone())).collect::<BTreeMap<_, _>>();
+    assert_eq!(sorted(&fourth), sorted(&fresh), "a cached build equals a fresh one");
 }
