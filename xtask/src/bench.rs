@@ -16,6 +16,7 @@ use weft_tests::{Agent, AgentOptions, Mode, Pod, PodSpec, Topology};
 
 use crate::sys;
 
+pub mod discovery;
 pub mod waypoint;
 
 #[derive(clap::Args)]

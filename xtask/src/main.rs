@@ -6,6 +6,7 @@
 //! - `demo [--check]`: a local mesh of network-namespace pods, walked through step by step
 //! - `bench l4`: no mesh vs weft (eBPF redirect) vs iptables REDIRECT on the same topology
 //! - `bench waypoint`: weft waypoint vs Envoy on the same L7 route table
+//! - `bench discovery`: the node agent against 10,000 pods and 1,000 services vs against 2 pods
 //!
 //! Each task lives in its own module; this file only parses the command line.
 
@@ -66,6 +67,8 @@ enum BenchCmd {
     L4(bench::Args),
     /// L7: weft waypoint vs Envoy on the same route table (header match + 80/20 split), one run.
     Waypoint(bench::waypoint::Args),
+    /// Cluster scale: time to ready, agent RSS and policy enforcement, 10,000 pods vs 2 pods.
+    Discovery(bench::discovery::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -77,5 +80,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::KindE2e(args) => deploy::kind_e2e(args),
         Cmd::Bench { which: BenchCmd::L4(args) } => bench::l4(args),
         Cmd::Bench { which: BenchCmd::Waypoint(args) } => bench::waypoint::run(args),
+        Cmd::Bench { which: BenchCmd::Discovery(args) } => bench::discovery::run(args),
     }
 }
