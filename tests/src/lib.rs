@@ -13,6 +13,7 @@
 pub mod agent;
 pub mod apiserver;
 pub mod capture;
+pub mod cluster;
 pub mod mesh;
 pub mod metrics;
 pub mod probe;

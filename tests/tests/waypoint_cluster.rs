@@ -9,44 +9,21 @@
 //! routing. Needs root and the `weft` and `weft-probe` binaries.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::Signal;
 use serde_json::{Value, json};
-use weft::ca_server::{CaConfig, CaOptions};
-use weft_tests::apiserver::{ApiServer, TokenUser};
+use weft_tests::cluster::{Cluster, cni_add, pod_object};
 use weft_tests::mesh::spiffe;
-use weft_tests::process::{self, Background, Io};
 use weft_tests::waypoint::{GATEWAY_NAME_LABEL, served_by};
-use weft_tests::{AgentOptions, Mode, Pod, PodSpec, Topology, Waypoint, poll, require_root, tail, weft_bin};
+use weft_tests::{AgentOptions, Mode, Pod, PodSpec, Topology, poll, require_root};
 
 const NS: &str = "demo";
-const CA_NAME: &str = "weft-ca.weft-system.svc";
-const AGENT_TOKEN: &str = "weft-node-token-wpclus";
-const WAYPOINT_TOKEN: &str = "waypoint-token-wpclus";
 const WAYPOINT_VIP: &str = "10.96.2.100";
 const REVIEWS_VIP: &str = "10.96.2.1";
 const RATINGS_VIP: &str = "10.96.2.2";
 const USE_WAYPOINT: &str = "istio.io/use-waypoint";
 
 // ---- Objects in the API double ----
-
-fn pod_object(p: &Pod, node: &str) -> Value {
-    let ports: Vec<Value> = p.spec.ports.iter().map(|(n, port)| json!({"name": n, "containerPort": port})).collect();
-    json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": p.name(), "namespace": p.spec.namespace, "labels": p.spec.labels},
-        "spec": {"nodeName": node, "serviceAccountName": p.spec.service_account,
-                 "containers": [{"name": "app", "image": "app", "ports": ports}]},
-        "status": {"phase": "Running", "podIP": p.ipv4.to_string(),
-                   "podIPs": [{"ip": p.ipv4.to_string()}, {"ip": p.ipv6.to_string()}]},
-    })
-}
 
 /// An HTTP service (port 80 → 8080) bound to the waypoint.
 fn http_service(name: &str, vip: &str, selector: Value) -> Value {
@@ -83,125 +60,7 @@ fn ratings_vs(regex: &str) -> Value {
     })
 }
 
-// ---- Processes and plumbing ----
-
-/// `weft node` in cluster mode, SIGTERMed on drop; its log is printed if the test fails.
-struct NodeAgent {
-    bg: Option<Background>,
-    log: PathBuf,
-    opts: AgentOptions,
-}
-
-impl NodeAgent {
-    fn get(&self, addr: &str, path: &str) -> Option<String> {
-        let url = format!("http://{addr}{path}");
-        process::run_ok("curl", &["-sS", "--fail", "--max-time", "5", &url], Duration::from_secs(10))
-            .ok()
-            .map(|o| o.stdout)
-    }
-
-    fn wait_ready(&mut self, limit: Duration) {
-        let ready = poll(limit, Duration::from_millis(100), || {
-            if let Some(st) = self.bg.as_mut().and_then(|b| b.exited()) {
-                panic!("weft node exited before it was ready: {st}");
-            }
-            self.get(&self.opts.ready_addr, "/healthz/ready").map(|_| ())
-        });
-        assert!(ready.is_some(), "weft node not ready within {limit:?}");
-    }
-
-    fn captured(&self, name: &str) -> Option<bool> {
-        let dump: Value = serde_json::from_str(&self.get(&self.opts.admin_addr, "/config_dump")?).ok()?;
-        dump["workloads"].as_array()?.iter().find(|w| w["namespace"] == NS && w["name"] == name)?["captured"].as_bool()
-    }
-}
-
-impl Drop for NodeAgent {
-    fn drop(&mut self) {
-        if let Some(mut bg) = self.bg.take() {
-            let _ = bg.stop_with(Signal::SIGTERM, Duration::from_secs(10));
-        }
-        if std::thread::panicking() {
-            let text = weft_tests::read_lossy(&self.log);
-            eprintln!(
-                "===== agent log ({}) =====\n{}\n===== end of agent log =====",
-                self.log.display(),
-                tail(&text, 300)
-            );
-        }
-    }
-}
-
-/// `weft cni` as a runtime invokes it for ADD; panics unless it succeeds.
-fn cni_add(pod: &Pod, socket: &Path) {
-    let netns = Path::new(weft::netns::NAMED_NETNS_DIR).join(&pod.netns);
-    let prev = json!({
-        "cniVersion": "1.0.0",
-        "interfaces": [{"name": "eth0", "sandbox": netns}],
-        "ips": [{"address": format!("{}/24", pod.ipv4), "interface": 0}],
-    });
-    let stdin = json!({
-        "cniVersion": "1.0.0", "name": "weft-test", "type": "weft-cni",
-        "weft_socket": socket, "timeout_secs": 15.0, "prevResult": prev,
-    });
-    let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={NS};K8S_POD_NAME={0};K8S_POD_UID=uid-{0}", pod.name());
-    let mut child = Command::new(weft_bin())
-        .arg("cni")
-        .env("CNI_COMMAND", "ADD")
-        .env("CNI_CONTAINERID", format!("sandbox-{}", pod.name()))
-        .env("CNI_NETNS", &netns)
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_ARGS", args)
-        .env("CNI_PATH", "/opt/cni/bin")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn weft cni");
-    child.stdin.take().unwrap().write_all(stdin.to_string().as_bytes()).unwrap();
-    // The plugin's own timeout (15 s) bounds this wait.
-    let out = child.wait_with_output().expect("weft cni output");
-    assert!(
-        out.status.success(),
-        "CNI ADD of {} failed: stdout {} stderr {}",
-        pod.name(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A TCP forwarder listening on 127.0.0.1 inside `pod`'s network namespace to `to` on the host's
-/// loopback: the waypoint runs in its pod and reaches the API double and the CA through it, as a
-/// real pod reaches them through cluster networking. Stops with the runtime.
-fn forward_from_pod(rt: &tokio::runtime::Runtime, pod: &Pod, to: SocketAddr) -> SocketAddr {
-    let ns = weft::netns::Netns::open(&pod.netns).expect("open the pod's netns");
-    // A thread of its own: setns must not touch a tokio worker. The socket keeps its namespace.
-    let std_listener = std::thread::spawn(move || ns.run(|| std::net::TcpListener::bind("127.0.0.1:0")))
-        .join()
-        .expect("bind thread")
-        .expect("enter the pod's netns")
-        .expect("bind in the pod");
-    std_listener.set_nonblocking(true).unwrap();
-    let addr = std_listener.local_addr().unwrap();
-    rt.spawn(async move {
-        let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
-        while let Ok((mut inbound, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                }
-            });
-        }
-    });
-    addr
-}
-
-fn kubeconfig(server: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: double\n  cluster:\n    server: {server}\nusers:\n- name: u\n  user: {{}}\n\
-         contexts:\n- name: double\n  context:\n    cluster: double\n    user: u\ncurrent-context: double\n"
-    )
-}
+// ---- Plumbing ----
 
 /// [`weft_tests::waypoint::requests`] with this suite's curl limit.
 fn requests(pod: &Pod, url: &str, n: usize, headers: &[&str]) -> Vec<(u16, String)> {
@@ -247,30 +106,16 @@ fn waypoint_in_cluster_mode_applies_configuration_from_the_api() {
 
     // The cluster: the API double with the namespace, pods, services, the waypoint's Gateway and
     // the reviews subsets; the CA.
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let api = rt.block_on(ApiServer::start_new()).expect("API double");
+    let cluster = Cluster::start(topo.dir()).expect("API double and CA");
+    let api = cluster.api();
     api.put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS, "labels": {"istio.io/dataplane-mode": "ambient"}}}))
         .unwrap();
-    api.put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "weft-system"}})).unwrap();
     for sa in ["client", "reviews", "waypoint"] {
         api.put(json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": sa, "namespace": NS}}))
             .unwrap();
     }
-    let agent_pod = api
-        .put(json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "weft-node-wpclus", "namespace": "weft-system"},
-            "spec": {"nodeName": node, "serviceAccountName": "weft-node", "containers": [{"name": "weft", "image": "weft"}]},
-            "status": {"phase": "Running"},
-        }))
-        .unwrap();
-    let agent_uid = agent_pod["metadata"]["uid"].as_str().unwrap().to_owned();
-    let mut waypoint_uid = String::new();
     for p in topo.pods() {
-        let created = api.put(pod_object(p, &node)).unwrap();
-        if p.name() == "waypoint" {
-            waypoint_uid = created["metadata"]["uid"].as_str().unwrap().to_owned();
-        }
+        api.put(pod_object(p, &node)).unwrap();
     }
     api.put(json!({
         "apiVersion": "v1", "kind": "Service",
@@ -295,110 +140,18 @@ fn waypoint_in_cluster_mode_applies_configuration_from_the_api() {
     }))
     .unwrap();
 
-    // Tokens: the node agent's (bound to its pod and node) and the waypoint's own.
-    let mut agent_user = TokenUser::service_account(
-        "weft-system",
-        "weft-node",
-        Some(("weft-node-wpclus", &agent_uid)),
-        Some((&node, "node-uid")),
-    );
-    agent_user.audiences = vec!["istio-ca".into()];
-    api.register_token(AGENT_TOKEN, agent_user);
-    let mut waypoint_user =
-        TokenUser::service_account(NS, "waypoint", Some(("waypoint", &waypoint_uid)), Some((&node, "node-uid")));
-    waypoint_user.audiences = vec!["istio-ca".into()];
-    api.register_token(WAYPOINT_TOKEN, waypoint_user);
-
-    let (ca_stop, ca_stopped) = tokio::sync::oneshot::channel::<()>();
-    let (ca_addr, ca_task) = rt.block_on(async {
-        let kube_client = kube::Client::try_from(kube::Config::new(api.url().parse().unwrap())).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let opts = CaOptions { config: Arc::new(CaConfig::default()), listener, client: kube_client };
-        (
-            addr,
-            tokio::spawn(weft::ca_server::run(opts, async {
-                let _ = ca_stopped.await;
-            })),
-        )
-    });
-    let root_pem = poll(Duration::from_secs(10), Duration::from_millis(50), || {
-        let cm = api.get("v1", "ConfigMap", Some("weft-system"), "weft-ca-root-cert")?;
-        cm["data"]["root-cert.pem"].as_str().map(str::to_owned)
-    })
-    .expect("the CA publishes its root ConfigMap within 10 s");
-
-    let dir = topo.dir();
-    let s = |p: &Path| p.display().to_string();
-    let root_file = dir.join("root-cert.pem");
-    let (agent_token, agent_kubeconfig, socket) =
-        (dir.join("agent-token"), dir.join("agent-kubeconfig"), dir.join("cni.sock"));
-    std::fs::write(&root_file, &root_pem).unwrap();
-    std::fs::write(&agent_token, AGENT_TOKEN).unwrap();
-    std::fs::write(&agent_kubeconfig, kubeconfig(&api.url())).unwrap();
-    let _ = std::fs::remove_file(&socket);
-
-    // The node agent (host network namespace).
-    weft_tests::agent::ensure_bpffs().expect("bpffs");
-    let opts = AgentOptions::for_topology(&topo);
-    let state = dir.join("state");
-    std::fs::create_dir_all(&state).unwrap();
-    let mut args: Vec<String> = vec!["node".into(), "--kubeconfig".into(), s(&agent_kubeconfig)];
-    for (flag, value) in [
-        ("--ca-address", format!("https://{ca_addr}")),
-        ("--ca-server-name", CA_NAME.into()),
-        ("--ca-root-cert", s(&root_file)),
-        ("--token-path", s(&agent_token)),
-        ("--cni-socket", s(&socket)),
-        ("--node-name", node.clone()),
-        ("--state-dir", s(&state)),
-        ("--bpf-pin-dir", s(&topo.bpf_pin_dir())),
-        ("--admin-addr", opts.admin_addr.clone()),
-        ("--metrics-addr", opts.metrics_addr.clone()),
-        ("--ready-addr", opts.ready_addr.clone()),
-        ("--log-format", "text".into()),
-    ] {
-        args.extend([flag.to_string(), value]);
-    }
-    let log = dir.join("agent.log");
-    let env = [("RUST_LOG", "info,weft=debug"), ("NO_COLOR", "1")];
-    let bg =
-        Background::spawn_with_env("weft node", &s(&weft_bin()), &args, &env, &log, Io::Log).expect("spawn weft node");
-    let mut agent = NodeAgent { bg: Some(bg), log, opts };
-    agent.wait_ready(Duration::from_secs(30));
+    // The node agent (host network namespace), then the waypoint in its pod with its own token.
+    let agent = cluster.node_agent(&topo, &node, AgentOptions::for_topology(&topo)).unwrap();
     let enrolled = ["client", "reviews-v1", "reviews-v2"];
     let seen = poll(Duration::from_secs(10), Duration::from_millis(100), || {
-        (enrolled.iter().all(|n| agent.captured(n) == Some(true)) && agent.captured("waypoint") == Some(false))
+        (enrolled.iter().all(|n| agent.captured(NS, n) == Some(true)) && agent.captured(NS, "waypoint") == Some(false))
             .then_some(())
     });
     assert!(seen.is_some(), "{enrolled:?} captured and the waypoint pod not, within 10 s");
     for p in enrolled {
-        cni_add(topo.pod(p), &socket);
+        cni_add(topo.pod(p), agent.cni_socket()).unwrap_or_else(|e| panic!("{e:#}"));
     }
-
-    // The waypoint in its pod: API double and CA through forwarders on the pod's loopback.
-    let wp_pod = topo.pod("waypoint");
-    let api_fwd = forward_from_pod(&rt, wp_pod, api.addr());
-    let ca_fwd = forward_from_pod(&rt, wp_pod, ca_addr);
-    let (wp_token, wp_kubeconfig) = (dir.join("waypoint-token"), dir.join("waypoint-kubeconfig"));
-    std::fs::write(&wp_token, WAYPOINT_TOKEN).unwrap();
-    std::fs::write(&wp_kubeconfig, kubeconfig(&format!("http://{api_fwd}"))).unwrap();
-    let cluster: Vec<String> = [
-        "--kubeconfig",
-        &s(&wp_kubeconfig),
-        "--ca-address",
-        &format!("https://{ca_fwd}"),
-        "--ca-server-name",
-        CA_NAME,
-        "--ca-root-cert",
-        &s(&root_file),
-        "--token-path",
-        &s(&wp_token),
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
-    let waypoint = Waypoint::start_cluster(&topo, &weft_bin(), "waypoint", NS, "waypoint", &cluster).unwrap();
+    let waypoint = cluster.start_waypoint(&topo, "waypoint", NS, "waypoint", &node).unwrap();
     let t_ready = t0.elapsed();
     let reviews = format!("http://{REVIEWS_VIP}/reviews");
     let ratings = format!("http://{RATINGS_VIP}/ratings");
@@ -545,8 +298,7 @@ fn waypoint_in_cluster_mode_applies_configuration_from_the_api() {
 
     drop(waypoint);
     drop(agent);
-    let _ = ca_stop.send(());
-    let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), ca_task).await });
+    drop(cluster);
     eprintln!(
         "waypoint_cluster: ready after {t_ready:?}; first VirtualService in effect after {took_vs:?}, \
          change after {took_change:?}; total {:?}",
