@@ -4,9 +4,11 @@
 //! token), pods are enrolled through the real CNI plugin. Configuration arrives through the API
 //! only: `end-user: jason` → v2 else v1 from a VirtualService + DestinationRule, a change of the
 //! VirtualService takes effect without a restart, 80/20 v1/v2 over 400 requests, a 50% fault abort,
-//! `.*Safari.*` → v1, an L7 DENY AuthorizationPolicy answers 403, and
+//! `.*Safari.*` → v1, an L7 DENY AuthorizationPolicy answers 403,
 //! a VirtualService with an invalid regex is left out (logged with its field) while the rest keeps
-//! routing. Needs root and the `weft` and `weft-probe` binaries.
+//! routing, and resilience: retries hide a flaky backend, a route timeout answers 504, outlier
+//! detection ejects a failing endpoint. (The 429 of a local rate limit is covered in local mode
+//! only: the API double does not serve EnvoyFilter yet.) Needs root and the `weft` and `weft-probe` binaries.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -21,6 +23,9 @@ const NS: &str = "demo";
 const WAYPOINT_VIP: &str = "10.96.2.100";
 const REVIEWS_VIP: &str = "10.96.2.1";
 const RATINGS_VIP: &str = "10.96.2.2";
+const FLAKY_VIP: &str = "10.96.2.3";
+const SLOW_VIP: &str = "10.96.2.4";
+const POOL_VIP: &str = "10.96.2.5";
 const USE_WAYPOINT: &str = "istio.io/use-waypoint";
 
 // ---- Objects in the API double ----
@@ -33,6 +38,42 @@ fn http_service(name: &str, vip: &str, selector: Value) -> Value {
         "spec": {"clusterIP": vip, "selector": selector,
                  "ports": [{"name": "http-80", "port": 80, "targetPort": 8080, "protocol": "TCP"}]},
     })
+}
+
+/// Resilience configuration, as a user applies it (the same objects as the local suite's YAML):
+/// `flaky` retried 3 times on 5xx except under `/no-retry`; `slow` behind a 500 ms route
+/// timeout; `pool` with outlier detection ejecting an endpoint after 2 consecutive 5xx, and no
+/// retries (so every 5xx reaches the client).
+fn resilience_objects() -> Vec<Value> {
+    let vs = |name: &str, http: Value| {
+        json!({
+            "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {"hosts": [name], "http": http},
+        })
+    };
+    vec![
+        vs(
+            "flaky",
+            json!([
+                {"match": [{"uri": {"prefix": "/no-retry"}}], "route": [{"destination": {"host": "flaky"}}],
+                 "retries": {"attempts": 0}},
+                {"route": [{"destination": {"host": "flaky"}}],
+                 "retries": {"attempts": 3, "perTryTimeout": "2s", "retryOn": "5xx"}},
+            ]),
+        ),
+        vs("slow", json!([{"route": [{"destination": {"host": "slow"}}], "timeout": "500ms"}])),
+        json!({
+            "apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+            "metadata": {"name": "pool", "namespace": NS},
+            "spec": {"host": "pool", "trafficPolicy": {
+                "loadBalancer": {"simple": "ROUND_ROBIN"},
+                "outlierDetection": {"consecutive5xxErrors": 2, "interval": "1s", "baseEjectionTime": "60s",
+                                     "maxEjectionPercent": 50},
+            }},
+        }),
+        vs("pool", json!([{"route": [{"destination": {"host": "pool"}}], "retries": {"attempts": 0}}])),
+    ]
 }
 
 fn reviews_vs(rules: Value) -> Value {
@@ -86,6 +127,7 @@ fn waypoint_in_cluster_mode_applies_configuration_from_the_api() {
     let app = |pod: &str, version: &str| {
         PodSpec::new(pod, NS).sa("reviews").label("app", "reviews").label("version", version).port("http", 8080)
     };
+    let backend = |pod: &str, app: &str| PodSpec::new(pod, NS).sa(app).label("app", app).port("http", 8080);
     // The namespace mode only shapes mesh.yaml, which cluster mode does not read.
     let topo = Topology::builder("wpclus")
         .namespace(NS, Mode::Ambient)
@@ -98,10 +140,19 @@ fn waypoint_in_cluster_mode_applies_configuration_from_the_api() {
         )
         .pod(app("reviews-v1", "v1"))
         .pod(app("reviews-v2", "v2"))
+        .pod(backend("flaky", "flaky"))
+        .pod(backend("slow", "slow"))
+        .pod(backend("pool-good", "pool"))
+        .pod(backend("pool-bad", "pool"))
         .build()
         .unwrap();
     let client = topo.pod("client");
-    let _servers: Vec<_> = ["reviews-v1", "reviews-v2"].iter().map(|p| topo.pod(p).serve_http(8080).unwrap()).collect();
+    let _servers: Vec<_> =
+        ["reviews-v1", "reviews-v2", "pool-good"].iter().map(|p| topo.pod(p).serve_http(8080).unwrap()).collect();
+    // Every second answer a 503; 3 s per answer; every answer a 500.
+    let _flaky = topo.pod("flaky").serve_http_with(8080, &["--fail-every", "2"]).unwrap();
+    let _slow = topo.pod("slow").serve_http_with(8080, &["--delay-ms", "3000"]).unwrap();
+    let _bad = topo.pod("pool-bad").serve_http_with(8080, &["--fail-every", "1", "--fail-status", "500"]).unwrap();
     let node = format!("weft-{}", topo.name());
 
     // The cluster: the API double with the namespace, pods, services, the waypoint's Gateway and
@@ -110,7 +161,7 @@ fn waypoint_in_cluster_mode_applies_configuration_from_the_api() {
     let api = cluster.api();
     api.put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS, "labels": {"istio.io/dataplane-mode": "ambient"}}}))
         .unwrap();
-    for sa in ["client", "reviews", "waypoint"] {
+    for sa in ["client", "reviews", "waypoint", "flaky", "slow", "pool"] {
         api.put(json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": sa, "namespace": NS}}))
             .unwrap();
     }
@@ -127,6 +178,14 @@ fn waypoint_in_cluster_mode_applies_configuration_from_the_api() {
     api.put(http_service("reviews", REVIEWS_VIP, json!({"app": "reviews"}))).unwrap();
     // A second service on the same pods: the one an invalid VirtualService targets below.
     api.put(http_service("ratings", RATINGS_VIP, json!({"app": "reviews"}))).unwrap();
+    for (name, vip) in [("flaky", FLAKY_VIP), ("slow", SLOW_VIP), ("pool", POOL_VIP)] {
+        api.put(http_service(name, vip, json!({"app": name}))).unwrap();
+    }
+    // In the API before the waypoint starts: it is ready only once its first snapshot is compiled,
+    // so these are in force from its first request (the flaky backend's count starts clean).
+    for obj in resilience_objects() {
+        api.put(obj).unwrap();
+    }
     api.put(json!({
         "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
         "metadata": {"name": "waypoint", "namespace": NS},
@@ -142,7 +201,7 @@ fn waypoint_in_cluster_mode_applies_configuration_from_the_api() {
 
     // The node agent (host network namespace), then the waypoint in its pod with its own token.
     let agent = cluster.node_agent(&topo, &node, AgentOptions::for_topology(&topo)).unwrap();
-    let enrolled = ["client", "reviews-v1", "reviews-v2"];
+    let enrolled = ["client", "reviews-v1", "reviews-v2", "flaky", "slow", "pool-good", "pool-bad"];
     let seen = poll(Duration::from_secs(10), Duration::from_millis(100), || {
         (enrolled.iter().all(|n| agent.captured(NS, n) == Some(true)) && agent.captured(NS, "waypoint") == Some(false))
             .then_some(())
@@ -280,6 +339,29 @@ fn waypoint_in_cluster_mode_applies_configuration_from_the_api() {
         waypoint.log().lines().any(|l| l.contains("configuration problem resolved") && l.contains("ratings-ua"))
     });
 
+    // (5) Resilience from the objects applied at the start. Every second answer of `flaky` is a 503:
+    // without retries half fail, with them none does, and each answer still comes from flaky.
+    let t_resil = Instant::now();
+    let bare = requests(client, &format!("http://{FLAKY_VIP}/no-retry"), 20, &[]);
+    let want = BTreeMap::from([("200 flaky".to_string(), 10), ("503 flaky".to_string(), 10)]);
+    assert_eq!(served_by(&bare), want, "without retries every second request fails");
+    let retried = requests(client, &format!("http://{FLAKY_VIP}/"), 20, &[]);
+    assert_eq!(served_by(&retried), only("200 flaky", 20), "retries should hide the flaky backend");
+    // A 3 s backend behind a 500 ms route timeout: 504 after about half a second, from the waypoint.
+    let started = Instant::now();
+    let slow = requests(client, &format!("http://{SLOW_VIP}/"), 1, &[]);
+    let took = started.elapsed();
+    assert_eq!(slow[0].0, 504, "route timeout should answer 504: {slow:?}");
+    assert!(took >= Duration::from_millis(400), "504 after {took:?}: sooner than the 500 ms timeout");
+    assert!(took < Duration::from_millis(2500), "504 took {took:?}: the timeout did not cut the 3 s backend");
+    // Outlier detection: the always-failing endpoint is ejected after 2 consecutive 5xx, then only
+    // the good one answers (round robin would otherwise give it every second request).
+    let warmup = requests(client, &format!("http://{POOL_VIP}/"), 10, &[]);
+    let bad = warmup.iter().filter(|(s, by)| *s == 500 && by == "pool-bad").count();
+    assert!((1..=5).contains(&bad), "pool-bad should be tried, then ejected: {:?}", served_by(&warmup));
+    assert_eq!(served_by(&requests(client, &format!("http://{POOL_VIP}/"), 20, &[])), only("200 pool-good", 20));
+    let took_resil = t_resil.elapsed();
+
     // The waypoint's certificate came from `weft ca` for its own ServiceAccount, and it saw the
     // client's identity on every tunnel.
     let own = format!("issued workload certificate identity={}", spiffe(NS, "waypoint"));
@@ -301,7 +383,7 @@ fn waypoint_in_cluster_mode_applies_configuration_from_the_api() {
     drop(cluster);
     eprintln!(
         "waypoint_cluster: ready after {t_ready:?}; first VirtualService in effect after {took_vs:?}, \
-         change after {took_change:?}; total {:?}",
+         change after {took_change:?}; resilience checks {took_resil:?}; total {:?}",
         t0.elapsed()
     );
 }
