@@ -43,10 +43,12 @@ const CA_AUDIENCE: &str = "istio-ca";
 /// Lines of a process log shown with a failure (the whole log stays in the topology dir).
 const LOG_TAIL: usize = 300;
 
+type CaTask = tokio::task::JoinHandle<Result<(), weft::ca_server::Error>>;
+
 /// The API double and the CA on a runtime of their own; stops the CA and the double on drop.
 pub struct Cluster {
     // Field order is drop order: the CA and the double stop before the runtime goes.
-    ca: Option<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Result<(), weft::ca_server::Error>>)>,
+    ca: Option<(tokio::sync::oneshot::Sender<()>, CaTask)>,
     api: ApiServer,
     ca_addr: SocketAddr,
     root_file: PathBuf,
