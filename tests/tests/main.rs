@@ -15,6 +15,7 @@ mod mesh_traffic;
 mod peer_auth;
 mod report_events;
 mod report_status;
+mod uninstall;
 mod waypoint;
 mod waypoint_cluster;
 mod waypoint_resources;

@@ -7,8 +7,8 @@
 //! `.*Safari.*` → v1, an L7 DENY AuthorizationPolicy answers 403,
 //! a VirtualService with an invalid regex is left out (logged with its field) while the rest keeps
 //! routing, and resilience: retries hide a flaky backend, a route timeout answers 504, outlier
-//! detection ejects a failing endpoint. (The 429 of a local rate limit is covered in local mode
-//! only: the API double does not serve EnvoyFilter yet.) Needs root and the `weft` and `weft-probe` binaries.
+//! detection ejects a failing endpoint, and a local rate limit (EnvoyFilter) answers 429 after its
+//! tokens. Needs root and the `weft` and `weft-probe` binaries.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -26,6 +26,7 @@ const RATINGS_VIP: &str = "10.96.2.2";
 const FLAKY_VIP: &str = "10.96.2.3";
 const SLOW_VIP: &str = "10.96.2.4";
 const POOL_VIP: &str = "10.96.2.5";
+const LIMITED_VIP: &str = "10.96.2.6";
 const USE_WAYPOINT: &str = "istio.io/use-waypoint";
 
 // ---- Objects in the API double ----
@@ -73,6 +74,29 @@ fn resilience_objects() -> Vec<Value> {
             }},
         }),
         vs("pool", json!([{"route": [{"destination": {"host": "pool"}}], "retries": {"attempts": 0}}])),
+        // Istio's local rate limit as its docs write it: 5 tokens per minute for `limited`.
+        json!({
+            "apiVersion": "networking.istio.io/v1alpha3", "kind": "EnvoyFilter",
+            "metadata": {"name": "limited-ratelimit", "namespace": NS},
+            "spec": {
+                "targetRefs": [{"kind": "Service", "group": "", "name": "limited"}],
+                "configPatches": [{"applyTo": "HTTP_FILTER", "patch": {"operation": "INSERT_BEFORE", "value": {
+                    "name": "envoy.filters.http.local_ratelimit",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
+                        "type_url": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+                        "value": {
+                            "stat_prefix": "http_local_rate_limiter",
+                            "token_bucket": {"max_tokens": 5, "tokens_per_fill": 5, "fill_interval": "60s"},
+                            "filter_enabled": {"runtime_key": "local_rate_limit_enabled",
+                                               "default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+                            "filter_enforced": {"runtime_key": "local_rate_limit_enforced",
+                                                "default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+                        },
+                    },
+                }}}],
+            },
+        }),
     ]
 }
 
@@ -142,7 +166,7 @@ fn waypoint_in_cluster_mode_applies_configuration_from_the_api() {
         .pod(app("reviews-v2", "v2"))
         .pod(backend("flaky", "flaky"))
         .pod(backend("slow", "slow"))
-        .pod(backend("pool-good", "pool"))
+        .pod(backend("pool-good", "pool").label("health", "good"))
         .pod(backend("pool-bad", "pool"))
         .build()
         .unwrap();
@@ -181,6 +205,8 @@ fn waypoint_in_cluster_mode_applies_configuration_from_the_api() {
     for (name, vip) in [("flaky", FLAKY_VIP), ("slow", SLOW_VIP), ("pool", POOL_VIP)] {
         api.put(http_service(name, vip, json!({"app": name}))).unwrap();
     }
+    // The rate-limited service, on the always-healthy pool pod.
+    api.put(http_service("limited", LIMITED_VIP, json!({"app": "pool", "health": "good"}))).unwrap();
     // In the API before the waypoint starts: it is ready only once its first snapshot is compiled,
     // so these are in force from its first request (the flaky backend's count starts clean).
     for obj in resilience_objects() {
@@ -360,6 +386,10 @@ fn waypoint_in_cluster_mode_applies_configuration_from_the_api() {
     let bad = warmup.iter().filter(|(s, by)| *s == 500 && by == "pool-bad").count();
     assert!((1..=5).contains(&bad), "pool-bad should be tried, then ejected: {:?}", served_by(&warmup));
     assert_eq!(served_by(&requests(client, &format!("http://{POOL_VIP}/"), 20, &[])), only("200 pool-good", 20));
+    // Local rate limit (EnvoyFilter through the API): 5 tokens per minute, then 429 from the waypoint.
+    let limited = requests(client, &format!("http://{LIMITED_VIP}/"), 7, &[]);
+    let codes: Vec<u16> = limited.iter().map(|(s, _)| *s).collect();
+    assert_eq!(codes, [200, 200, 200, 200, 200, 429, 429], "token bucket of 5: {limited:?}");
     let took_resil = t_resil.elapsed();
 
     // The waypoint's certificate came from `weft ca` for its own ServiceAccount, and it saw the

@@ -52,6 +52,8 @@ const fn rt(
 const V1: &[&str] = &["v1"];
 const ISTIO_SECURITY: &[&str] = &["v1", "v1beta1"];
 const ISTIO_NETWORKING: &[&str] = &["v1", "v1beta1", "v1alpha3"];
+/// EnvoyFilter never left v1alpha3.
+const ISTIO_ENVOY_FILTER: &[&str] = &["v1alpha3"];
 
 pub static TYPES: &[ResourceType] = &[
     ResourceType {
@@ -178,6 +180,7 @@ pub static TYPES: &[ResourceType] = &[
             true,
         )
     },
+    rt("networking.istio.io", ISTIO_ENVOY_FILTER, "EnvoyFilter", "envoyfilters", "envoyfilter", true, true),
     ResourceType {
         short_names: &["gtw"],
         ..rt("gateway.networking.k8s.io", V1, "Gateway", "gateways", "gateway", true, true)
