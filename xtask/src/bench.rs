@@ -1,8 +1,9 @@
 //! `cargo xtask bench l4`: one run on one network-namespace topology (client and server pods in an
 //! ambient namespace) comparing (a) no mesh, (b) weft with its eBPF redirect and (c) the same
 //! agent behind an iptables REDIRECT (`--redirect iptables`), for iperf3 throughput (1 and 4
-//! streams), fixed-rate request/response latency, new connections per second and the agent's
-//! RSS idle and under load. Prints a table with ratios to (a). Every measurement is bounded.
+//! streams), the machine's CPU time per GiB moved, fixed-rate request/response latency, new
+//! connections per second and the agent's RSS idle and under load. Prints a table with ratios to
+//! (a). Every measurement is bounded.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -41,6 +42,10 @@ const AGENT_MARK: &str = "0x539";
 #[derive(Debug, Default, Clone)]
 struct Row {
     gbps_1: f64,
+    /// Busy CPU time of the whole machine (apps, kernel, agent) per GiB moved by the 1-stream
+    /// run: what a byte costs. On this 2-core box every setup is CPU-bound, so throughput ratios
+    /// are roughly the inverse of these.
+    cpu_ms_per_gib: f64,
     gbps_4: f64,
     p50_us: f64,
     p99_us: f64,
@@ -159,11 +164,17 @@ fn measure_setup(
     let pid = agent.as_ref().and_then(|a| a.pid());
     std::thread::sleep(Duration::from_secs(1));
     let mut row = Row { rss_idle_mib: pid.and_then(rss_mib), ..Row::default() };
+    if let Some((anon, file)) = pid.and_then(rss_split_mib) {
+        println!("    idle RSS: {anon:.1} MiB anonymous (heap, stacks, maps) + {file:.1} MiB file-backed (the binary's pages)");
+    }
     let d = args.duration;
 
-    row.gbps_1 = iperf(client, server, 1, d)?;
+    let busy = busy_cpu_ms()?;
+    let (gbps, bytes) = iperf(client, server, 1, d)?;
+    row.gbps_1 = gbps;
+    row.cpu_ms_per_gib = (busy_cpu_ms()? - busy) / (bytes / f64::from(1u32 << 30));
     let sampler = RssSampler::start(pid);
-    row.gbps_4 = iperf(client, server, 4, d)?;
+    row.gbps_4 = iperf(client, server, 4, d)?.0;
     row.rss_load_mib = sampler.stop();
 
     let limit = Duration::from_secs(d + 60);
@@ -203,8 +214,18 @@ fn num(kv: &std::collections::BTreeMap<String, String>, k: &str) -> Result<f64> 
         .with_context(|| format!("{k} is not a number"))
 }
 
-/// iperf3 throughput in Gbit/s (receiver side) with `streams` parallel streams.
-fn iperf(client: &Pod, server: &Pod, streams: u32, secs: u64) -> Result<f64> {
+/// Busy CPU time of all cores since boot, in ms (`/proc/stat`: everything but idle and iowait).
+fn busy_cpu_ms() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
+    let cpu = stat.lines().next().filter(|l| l.starts_with("cpu ")).context("no cpu line in /proc/stat")?;
+    let ticks: Vec<f64> = cpu.split_whitespace().skip(1).map(|t| t.parse().unwrap_or(0.0)).collect();
+    let busy: f64 = ticks.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, t)| t).sum();
+    // USER_HZ is 100 on Linux.
+    Ok(busy * 10.0)
+}
+
+/// iperf3 throughput in Gbit/s and bytes received (receiver side) with `streams` parallel streams.
+fn iperf(client: &Pod, server: &Pod, streams: u32, secs: u64) -> Result<(f64, f64)> {
     let out = client
         .exec(
             &[
@@ -226,13 +247,24 @@ fn iperf(client: &Pod, server: &Pod, streams: u32, secs: u64) -> Result<f64> {
     let bps = v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .with_context(|| format!("no end.sum_received in iperf3 output: {}", v["error"]))?;
-    Ok(bps / 1e9)
+    let bytes = v["end"]["sum_received"]["bytes"].as_f64().context("no end.sum_received.bytes in iperf3 output")?;
+    Ok((bps / 1e9, bytes))
 }
 
 fn rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: f64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+/// (RssAnon, RssFile) in MiB: what the agent allocated vs the pages of its binary and libraries.
+fn rss_split_mib(pid: u32) -> Option<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<f64> {
+        let kb: f64 = status.lines().find(|l| l.starts_with(name))?.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb / 1024.0)
+    };
+    Some((field("RssAnon:")?, field("RssFile:")?))
 }
 
 /// Samples the agent's VmRSS every 100 ms on a thread; `stop` returns the maximum seen.
@@ -275,8 +307,9 @@ impl RssSampler {
 fn print_table(rows: &[(Setup, Result<Row>)]) {
     let base = rows.iter().find(|(s, _)| *s == Setup::NoMesh).and_then(|(_, r)| r.as_ref().ok()).cloned();
     type Get = fn(&Row) -> Option<f64>;
-    let metrics: [(&str, Get); 7] = [
+    let metrics: [(&str, Get); 8] = [
         ("throughput, 1 stream (Gbit/s)", |r| Some(r.gbps_1)),
+        ("CPU per GiB, 1 stream (ms)", |r| Some(r.cpu_ms_per_gib)),
         ("throughput, 4 streams (Gbit/s)", |r| Some(r.gbps_4)),
         ("request/response p50 (µs)", |r| Some(r.p50_us)),
         ("request/response p99 (µs)", |r| Some(r.p99_us)),
@@ -314,5 +347,9 @@ fn print_table(rows: &[(Setup, Result<Row>)]) {
     }
     println!(
         "ratios are to the no-mesh column; latency ratios above 1 and throughput ratios below 1 are the mesh's cost"
+    );
+    println!(
+        "CPU per GiB: busy time of all {} cores (apps, kernel and agent) per GiB of the 1-stream run",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
     );
 }
