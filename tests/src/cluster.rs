@@ -136,6 +136,14 @@ impl Cluster {
     /// (`opts.ready_timeout`). One node agent per topology (its files and eBPF pins are the
     /// topology's).
     pub fn node_agent(&self, topo: &Topology, node: &str, opts: AgentOptions) -> Result<NodeAgent> {
+        let limit = opts.ready_timeout;
+        let mut agent = self.spawn_node_agent(topo, node, opts)?;
+        agent.wait_ready(limit)?;
+        Ok(agent)
+    }
+
+    /// [`Cluster::node_agent`] without waiting for readiness (a bench times that itself).
+    pub fn spawn_node_agent(&self, topo: &Topology, node: &str, opts: AgentOptions) -> Result<NodeAgent> {
         crate::agent::ensure_bpffs()?;
         let pod = format!("weft-node-{}", topo.name());
         self.api.put(json!({
@@ -177,10 +185,7 @@ impl Cluster {
         let log = dir.join("agent.log");
         let env = [("RUST_LOG", opts.rust_log.as_str()), ("NO_COLOR", "1")];
         let bg = Background::spawn_with_env("weft node", &s(&opts.bin), &args, &env, &log, Io::Log)?;
-        let limit = opts.ready_timeout;
-        let mut agent = NodeAgent { bg: Some(bg), log, socket, opts };
-        agent.wait_ready(limit)?;
-        Ok(agent)
+        Ok(NodeAgent { bg: Some(bg), log, socket, opts })
     }
 
     /// Starts `weft waypoint` for Gateway `namespace/name` in cluster mode inside `pod` (which must
@@ -334,6 +339,14 @@ impl NodeAgent {
         });
         ensure!(seen.is_some(), "{names:?} not captured={want} in the agent's state within {limit:?}");
         Ok(())
+    }
+
+    /// Fails when the agent has exited.
+    pub fn check_running(&mut self) -> Result<()> {
+        match self.bg.as_mut().and_then(|b| b.exited()) {
+            Some(st) => Err(anyhow!("weft node exited: {st}\n{}", tail(&self.log(), 100))),
+            None => Ok(()),
+        }
     }
 
     /// The agent's CNI socket (for [`cni_add`]).

@@ -18,7 +18,6 @@
 //! Only 2 of this node's pods have a network namespace: the other local pods are in the API (the
 //! agent builds state for them) but no CNI ADD comes for them, so the agent serves two.
 
-mod cluster;
 mod objects;
 
 use std::io::{Read, Write};
@@ -34,7 +33,7 @@ use serde_json::{Value, json};
 use weft_tests::AgentOptions;
 use weft_tests::topology::{Mode, Pod, PodSpec, Topology};
 
-use cluster::{Cluster, NodeAgent, cni_add_uid, pod_object};
+use weft_tests::cluster::{Cluster, NodeAgent, cni_add_uid, pod_object};
 
 use crate::sys;
 
@@ -163,8 +162,11 @@ fn rerun_optimized() -> Result<()> {
     println!("building xtask (release): the in-process API double must not be the bottleneck…");
     sys::run(sys::cargo().args(["build", "--release", "-p", "xtask"])).context("build xtask (release)")?;
     let exe = sys::target_dir(true).join("xtask");
-    let err =
-        std::os::unix::process::CommandExt::exec(std::process::Command::new(&exe).args(std::env::args_os().skip(1)));
+    let err = std::os::unix::process::CommandExt::exec(
+        std::process::Command::new(&exe)
+            .args(std::env::args_os().skip(1))
+            .env("WEFT_BIN", sys::target_dir(true).join("weft")),
+    );
     Err(anyhow!(err).context(format!("exec {}", exe.display())))
 }
 
@@ -243,7 +245,7 @@ fn measure(setup: Setup, topo: &Topology, node: &str, weft: &Path, args: &Args) 
     }
     let watcher = ReadyWatch::start(ready_addr);
     let t0 = Instant::now();
-    let mut agent = cluster.node_agent(topo, node, &opts)?;
+    let mut agent = cluster.spawn_node_agent(topo, node, opts)?;
     row.ready_s = watcher
         .finish(t0, &mut agent)
         .with_context(|| format!("agent log: {}", dir.join("agent.log").display()))?
@@ -255,7 +257,7 @@ fn measure(setup: Setup, topo: &Topology, node: &str, weft: &Path, args: &Args) 
 
     let t = Instant::now();
     for (p, uid) in [(server, &uids[1]), (client, &uids[0])] {
-        cni_add_uid(weft, p, agent.cni_socket(), uid)?;
+        cni_add_uid(p, agent.cni_socket(), uid)?;
     }
     row.cni_add_s = t.elapsed().as_secs_f64();
 
@@ -364,39 +366,6 @@ impl ReadyWatch {
         let at = self.handle.join().map_err(|_| anyhow!("ready watcher panicked"))?;
         Ok(at.context("never saw /healthz/ready answer 200")? - t0)
     }
-}
-
-/// Body of a plain HTTP/1.1 GET answered 200, each step bounded by 5 s.
-fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
-    let limit = Duration::from_secs(5);
-    let mut s = TcpStream::connect_timeout(&addr, limit).ok()?;
-    s.set_read_timeout(Some(limit)).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
-    let mut text = String::new();
-    // Bounded by the server closing (Connection: close) or the read timeout.
-    s.take(64 << 20).read_to_string(&mut text).ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return None;
-    }
-    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        return Some(dechunk(body));
-    }
-    Some(body.to_owned())
-}
-
-/// A chunked body, joined (hex size line, data, CRLF; ends at size 0).
-fn dechunk(mut rest: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 || after.len() < n {
-            break;
-        }
-        out.push_str(&after[..n]);
-        rest = after[n..].trim_start_matches("\r\n");
-    }
-    out
 }
 
 /// Status code of a plain HTTP/1.1 GET, each step bounded by 1 s.
