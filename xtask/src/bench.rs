@@ -165,7 +165,9 @@ fn measure_setup(
     std::thread::sleep(Duration::from_secs(1));
     let mut row = Row { rss_idle_mib: pid.and_then(rss_mib), ..Row::default() };
     if let Some((anon, file)) = pid.and_then(rss_split_mib) {
-        println!("    idle RSS: {anon:.1} MiB anonymous (heap, stacks, maps) + {file:.1} MiB file-backed (the binary's pages)");
+        println!(
+            "    idle RSS: {anon:.1} MiB anonymous (heap, stacks, maps) + {file:.1} MiB file-backed (the binary's pages)"
+        );
     }
     let d = args.duration;
 
