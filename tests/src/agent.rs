@@ -250,16 +250,22 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        if let Some(mut bg) = self.bg.take() {
-            let _ = bg.stop_with(Signal::SIGTERM, Duration::from_secs(10));
-        }
-        if std::thread::panicking() {
-            eprintln!(
-                "===== agent log ({}) =====\n{}\n===== end of agent log =====",
-                self.log.display(),
-                tail(&self.log(), LOG_TAIL)
-            );
-        }
+        stop_showing_log(self.bg.take(), &self.log);
+    }
+}
+
+/// How an agent handle ends: SIGTERM (≤ 10 s to drain), and the tail of its log on stderr when the
+/// test is failing, so the failure shows what the agent saw.
+pub(crate) fn stop_showing_log(bg: Option<Background>, log: &Path) {
+    if let Some(mut bg) = bg {
+        let _ = bg.stop_with(Signal::SIGTERM, Duration::from_secs(10));
+    }
+    if std::thread::panicking() {
+        eprintln!(
+            "===== agent log ({}) =====\n{}\n===== end of agent log =====",
+            log.display(),
+            tail(&read_lossy(log), LOG_TAIL)
+        );
     }
 }
 

@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use weft::ca_server::{CaConfig, CaOptions};
 
@@ -40,8 +39,6 @@ pub const CA_SERVER_NAME: &str = "weft-ca.weft-system.svc";
 const ROOT_CONFIGMAP: &str = "weft-ca-root-cert";
 /// Audience of the tokens the CA accepts.
 const CA_AUDIENCE: &str = "istio-ca";
-/// Lines of a process log shown with a failure (the whole log stays in the topology dir).
-const LOG_TAIL: usize = 300;
 
 type CaTask = tokio::task::JoinHandle<Result<(), weft::ca_server::Error>>;
 
@@ -361,16 +358,7 @@ impl NodeAgent {
 
 impl Drop for NodeAgent {
     fn drop(&mut self) {
-        if let Some(mut bg) = self.bg.take() {
-            let _ = bg.stop_with(Signal::SIGTERM, Duration::from_secs(10));
-        }
-        if std::thread::panicking() {
-            eprintln!(
-                "===== agent log ({}) =====\n{}\n===== end of agent log =====",
-                self.log.display(),
-                tail(&self.log(), LOG_TAIL)
-            );
-        }
+        crate::agent::stop_showing_log(self.bg.take(), &self.log);
     }
 }
 

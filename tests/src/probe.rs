@@ -224,7 +224,7 @@ fn http_conn(s: &mut TcpStream, name: &str, faults: &HttpFaults, peer: &str) -> 
         if !faults.delay.is_zero() {
             std::thread::sleep(faults.delay);
         }
-        let failed = faults.fail_every > 0 && n % faults.fail_every == 0;
+        let failed = faults.fail_every > 0 && n.is_multiple_of(faults.fail_every);
         let (status, body) = if failed {
             let code = if faults.fail_status == 0 { 503 } else { faults.fail_status };
             (format!("{code} Injected"), format!("failure {n} from {name}\n"))

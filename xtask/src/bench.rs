@@ -5,7 +5,6 @@
 //! connections per second and the agent's RSS idle and under load. Prints a table with ratios to
 //! (a). Every measurement is bounded.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -18,7 +17,10 @@ use weft_tests::{Agent, AgentOptions, Mode, Pod, PodSpec, Topology};
 use crate::sys;
 
 pub mod discovery;
+mod procfs;
 pub mod waypoint;
+
+use procfs::rss_mib;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -117,14 +119,14 @@ fn measure_setup(
     topo: &Topology,
     client: &Pod,
     server: &Pod,
-    weft: &PathBuf,
+    weft: &std::path::Path,
     args: &Args,
 ) -> Result<Row> {
     let agent = match setup {
         Setup::NoMesh => None,
         Setup::Ebpf | Setup::Iptables => {
             let mut opts = AgentOptions::for_topology(topo);
-            opts.bin = weft.clone();
+            opts.bin = weft.to_path_buf();
             for a in &args.agent_args {
                 opts = opts.arg(a);
             }
@@ -196,17 +198,24 @@ fn measure_setup(
     }
     if let Some(agent) = agent {
         drop(agent);
-        // The agent leaves its eBPF programs pinned (pods fail closed); the next setup must start
-        // from a node without them, or the iptables path would measure the eBPF one.
-        let pins = topo.bpf_pin_dir().display().to_string();
-        weft_tests::process::run_ok(
-            &weft.display().to_string(),
-            &["uninstall", "--bpf-pin-dir", &pins],
-            Duration::from_secs(30),
-        )
-        .context("weft uninstall between setups")?;
+        // The next setup must start from a node without the pinned programs, or the iptables
+        // path would measure the eBPF one.
+        remove_pins(weft, topo)?;
     }
     Ok(row)
+}
+
+/// `weft uninstall`: an agent leaves its eBPF programs pinned when it stops (pods fail closed), so
+/// a bench removes them before its next setup.
+fn remove_pins(weft: &std::path::Path, topo: &Topology) -> Result<()> {
+    let pins = topo.bpf_pin_dir().display().to_string();
+    weft_tests::process::run_ok(
+        &weft.display().to_string(),
+        &["uninstall", "--bpf-pin-dir", &pins],
+        Duration::from_secs(30),
+    )
+    .context("weft uninstall between setups")?;
+    Ok(())
 }
 
 fn num(kv: &std::collections::BTreeMap<String, String>, k: &str) -> Result<f64> {
@@ -253,20 +262,9 @@ fn iperf(client: &Pod, server: &Pod, streams: u32, secs: u64) -> Result<(f64, f6
     Ok((bps / 1e9, bytes))
 }
 
-fn rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
 /// (RssAnon, RssFile) in MiB: what the agent allocated vs the pages of its binary and libraries.
 fn rss_split_mib(pid: u32) -> Option<(f64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| -> Option<f64> {
-        let kb: f64 = status.lines().find(|l| l.starts_with(name))?.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kb / 1024.0)
-    };
-    Some((field("RssAnon:")?, field("RssFile:")?))
+    Some((procfs::status_kib(pid, "RssAnon:")? / 1024.0, procfs::status_kib(pid, "RssFile:")? / 1024.0))
 }
 
 /// Samples the agent's VmRSS every 100 ms on a thread; `stop` returns the maximum seen.

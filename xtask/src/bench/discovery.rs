@@ -139,14 +139,7 @@ pub fn run(args: Args) -> Result<()> {
             Err(e) => println!("    {} failed: {e:#}", setup.label()),
         }
         rows.push((setup, r));
-        // The agent leaves its programs pinned (pods fail closed); the next setup starts clean.
-        let pins = topo.bpf_pin_dir().display().to_string();
-        weft_tests::process::run_ok(
-            &weft.display().to_string(),
-            &["uninstall", "--bpf-pin-dir", &pins],
-            Duration::from_secs(30),
-        )
-        .context("weft uninstall between setups")?;
+        super::remove_pins(&weft, &topo)?;
     }
     print_table(&rows, &args);
     if rows.iter().any(|(_, r)| r.is_err()) {
@@ -251,7 +244,7 @@ fn measure(setup: Setup, topo: &Topology, node: &str, weft: &Path, args: &Args) 
         .with_context(|| format!("agent log: {}", dir.join("agent.log").display()))?
         .as_secs_f64();
     let pid = agent_pid(&dir.join("state")).context("find the agent's pid")?;
-    row.cpu_to_ready_s = cpu_secs(pid)?;
+    row.cpu_to_ready_s = super::procfs::cpu_secs(pid)?;
     std::thread::sleep(Duration::from_secs(args.settle));
     (row.rss_mb, row.hwm_mb) = memory_mb(pid)?;
 
@@ -500,28 +493,12 @@ fn agent_pid(state: &Path) -> Result<u32> {
 
 /// (VmRSS, VmHWM) in MB (10^6 bytes).
 fn memory_mb(pid: u32) -> Result<(f64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).context("read the agent's status")?;
-    let field = |name: &str| -> Result<f64> {
-        let kib: f64 = status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("no {name} in /proc/{pid}/status"))?;
-        Ok(kib * 1024.0 / 1e6)
+    let mb = |field: &str| {
+        super::procfs::status_kib(pid, field)
+            .map(|kib| kib * 1024.0 / 1e6)
+            .with_context(|| format!("no {field} in /proc/{pid}/status"))
     };
-    Ok((field("VmRSS:")?, field("VmHWM:")?))
-}
-
-/// utime + stime of `pid` (all its threads), in seconds.
-fn cpu_secs(pid: u32) -> Result<f64> {
-    let stat =
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("read /proc/{pid}/stat"))?;
-    let rest = &stat[stat.rfind(')').context("malformed /proc stat")? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
-    Ok(ticks / hz)
+    Ok((mb("VmRSS:")?, mb("VmHWM:")?))
 }
 
 fn percentile(v: &[f64], p: f64) -> f64 {

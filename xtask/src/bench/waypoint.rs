@@ -14,6 +14,7 @@ use anyhow::{Context, Result, bail};
 use weft_tests::waypoint::GATEWAY_NAME_LABEL;
 use weft_tests::{Mode, Pod, PodSpec, ServiceSpec, Topology};
 
+use super::procfs::{cpu_secs, rss_mib};
 use crate::sys;
 
 #[derive(clap::Args)]
@@ -342,24 +343,6 @@ fn parse_wrk_latency(text: &str, pct: &str) -> Option<f64> {
         "s" => n * 1000.0,
         _ => return None,
     })
-}
-
-fn rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
-/// utime + stime of `pid` (all its threads), in seconds.
-fn cpu_secs(pid: u32) -> Result<f64> {
-    let stat =
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("read /proc/{pid}/stat"))?;
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = &stat[stat.rfind(')').context("malformed /proc stat")? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
-    Ok(ticks / hz)
 }
 
 /// A child process killed (SIGTERM, then SIGKILL) on drop, its output in `<dir>/<name>.log`.
