@@ -82,19 +82,26 @@ pub fn target_profile_dir() -> PathBuf {
     }
 }
 
-/// The agent binary: `$WEFT_BIN`, else `weft` beside this executable's profile dir.
+static WEFT_BIN: OnceLock<PathBuf> = OnceLock::new();
+static PROBE_BIN: OnceLock<PathBuf> = OnceLock::new();
+
+/// Makes [`weft_bin`] and [`probe_bin`] return these for the rest of the process: xtask builds
+/// them itself (release for the benches), which need not be the profile xtask runs in.
+pub fn use_bins(weft: PathBuf, probe: PathBuf) {
+    let _ = WEFT_BIN.set(weft);
+    let _ = PROBE_BIN.set(probe);
+}
+
+/// The agent binary: set by [`use_bins`], else `$WEFT_BIN`, else `weft` beside this executable's
+/// profile dir.
 pub fn weft_bin() -> PathBuf {
+    if let Some(p) = WEFT_BIN.get() {
+        return p.clone();
+    }
     bin_from_env_or_target("WEFT_BIN", "weft", "cargo build -p weft")
 }
 
-static PROBE_BIN: OnceLock<PathBuf> = OnceLock::new();
-
-/// Makes [`probe_bin`] return `path` for the rest of the process (xtask uses a release build).
-pub fn use_probe_bin(path: PathBuf) {
-    let _ = PROBE_BIN.set(path);
-}
-
-/// The probe binary: set by [`use_probe_bin`], else `$WEFT_PROBE_BIN`, else `weft-probe` beside
+/// The probe binary: set by [`use_bins`], else `$WEFT_PROBE_BIN`, else `weft-probe` beside
 /// this executable's profile dir.
 pub fn probe_bin() -> PathBuf {
     if let Some(p) = PROBE_BIN.get() {

@@ -84,7 +84,7 @@ pub fn l4(args: Args) -> Result<()> {
     ])?;
     println!("building weft and weft-probe (release)…");
     let (weft, probe) = sys::build_binaries(true)?;
-    weft_tests::use_probe_bin(probe);
+    weft_tests::use_bins(weft.clone(), probe);
 
     let topo = Topology::builder("bench")
         .prefix("weft-")

@@ -106,7 +106,7 @@ pub fn run(check: bool, release: bool) -> Result<()> {
     }
     println!("building weft and weft-probe ({})…", if release { "release" } else { "debug" });
     let (weft, probe) = sys::build_binaries(release)?;
-    weft_tests::use_probe_bin(probe);
+    weft_tests::use_bins(weft.clone(), probe);
 
     let mut report = Report { check, failed: Vec::new(), stop: stop.clone() };
     walk(&mut report, weft)?;

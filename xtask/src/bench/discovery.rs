@@ -119,7 +119,7 @@ pub fn run(args: Args) -> Result<()> {
     sys::ensure_tools(&[("ip", "iproute2"), ("curl", "curl"), ("nsenter", "util-linux")])?;
     println!("building weft and weft-probe (release)…");
     let (weft, probe) = sys::build_binaries(true)?;
-    weft_tests::use_probe_bin(probe);
+    weft_tests::use_bins(weft.clone(), probe);
 
     let topo = Topology::builder("disc")
         .prefix("weft-")

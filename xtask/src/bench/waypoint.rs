@@ -61,7 +61,7 @@ pub fn run(args: Args) -> Result<()> {
     let envoy = ensure_envoy()?;
     println!("building weft and weft-probe (release)…");
     let (weft, probe) = sys::build_binaries(true)?;
-    weft_tests::use_probe_bin(probe);
+    weft_tests::use_bins(weft.clone(), probe);
     let topo = Topology::builder("wpbench")
         .prefix("weft-")
         .namespace(NS, Mode::Plain)
