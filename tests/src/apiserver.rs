@@ -40,7 +40,7 @@ pub mod store;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -109,6 +109,8 @@ struct Inner {
     /// Bumped by `stop()`: open watch streams end.
     generation: watch::Sender<u64>,
     addr: SocketAddr,
+    /// Types served as if their CRD were not installed (`ResourceType::qualified`).
+    uninstalled: Mutex<HashSet<String>>,
 }
 
 const MAX_LOGGED_REQUESTS: usize = 10_000;
@@ -116,6 +118,10 @@ const MAX_LOGGED_REQUESTS: usize = 10_000;
 impl Inner {
     fn store(&self) -> MutexGuard<'_, Store> {
         self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn installed(&self, rt: &resources::ResourceType) -> bool {
+        !self.uninstalled.lock().unwrap_or_else(|e| e.into_inner()).contains(&rt.qualified())
     }
 
     fn log_request(&self, line: String) {
@@ -161,6 +167,7 @@ impl ApiServer {
             requests: Mutex::new(Vec::new()),
             generation: watch::channel(0).0,
             addr,
+            uninstalled: Mutex::new(HashSet::new()),
         });
         let server = ApiServer { inner, running: Mutex::new(None) };
         for ns in INITIAL_NAMESPACES {
@@ -176,6 +183,12 @@ impl ApiServer {
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(http::accept_loop(self.inner.clone(), listener, stopped));
         *self.running.lock().unwrap_or_else(|e| e.into_inner()) = Some(Running { stop, task });
+    }
+
+    /// Serves `qualified` (e.g. `envoyfilters.networking.istio.io`) as a cluster without that CRD
+    /// would: its paths answer 404 and its group's resource list leaves it out.
+    pub fn uninstall_crd(&self, qualified: &str) {
+        self.inner.uninstalled.lock().unwrap_or_else(|e| e.into_inner()).insert(qualified.to_owned());
     }
 
     /// `http://127.0.0.1:PORT`.

@@ -44,6 +44,8 @@ async fn wait_for(store: &StateStore, what: &str, cond: impl Fn(&State) -> bool)
 #[tokio::test]
 async fn routing_resources_are_watched_and_a_missing_crd_does_not_block_the_sync() {
     let server = ApiServer::start_new().await.expect("API server double");
+    // A cluster with Istio's traffic CRDs but not EnvoyFilter's.
+    server.uninstall_crd("envoyfilters.networking.istio.io");
     server.put(ns("bookinfo")).unwrap();
     server.put(vs("reviews", 20)).unwrap();
     server
@@ -86,6 +88,13 @@ async fn routing_resources_are_watched_and_a_missing_crd_does_not_block_the_sync
         .expect("initial sync within 5 s although envoyfilters.networking.istio.io is not served")
         .unwrap();
     assert!(started.elapsed() < Duration::from_secs(3), "sync took {:?}", started.elapsed());
+    // The source did ask for the missing CRD, and was told it is not there.
+    assert!(server.requests().iter().any(|r| r.contains("/envoyfilters")), "EnvoyFilters never requested");
+    let efs: Api<weft::crd::EnvoyFilter> = Api::all(client.clone());
+    match efs.list(&Default::default()).await {
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        other => panic!("envoyfilters should answer 404 on this cluster: {other:?}"),
+    }
     let state = store.load();
     let r = &state.routing;
     assert_eq!(r.virtual_services.len(), 1);

@@ -96,10 +96,14 @@ fn route(inner: &Inner, path: &str) -> Result<Route, ApiError> {
             })));
         }
         ["api"] => return Ok(Route::Doc(resources::core_versions(&inner.addr.to_string()))),
-        ["api", v] => return resources::resource_list("", v).map(Route::Doc).ok_or_else(not_found),
+        ["api", v] => {
+            return resources::resource_list("", v, |t| inner.installed(t)).map(Route::Doc).ok_or_else(not_found);
+        }
         ["apis"] => return Ok(Route::Doc(resources::group_list())),
         ["apis", g] => return resources::group(g).map(Route::Doc).ok_or_else(not_found),
-        ["apis", g, v] => return resources::resource_list(g, v).map(Route::Doc).ok_or_else(not_found),
+        ["apis", g, v] => {
+            return resources::resource_list(g, v, |t| inner.installed(t)).map(Route::Doc).ok_or_else(not_found);
+        }
         ["api", v, rest @ ..] => ("", *v, rest),
         ["apis", g, v, rest @ ..] => (*g, *v, rest),
         _ => return Err(not_found()),
@@ -118,7 +122,7 @@ fn route(inner: &Inner, path: &str) -> Result<Route, ApiError> {
         [plural, name, sub] => (None, *plural, Some(*name), Some(*sub)),
         _ => return Err(not_found()),
     };
-    let rt = resources::by_plural(group, version, plural).ok_or_else(not_found)?;
+    let rt = resources::by_plural(group, version, plural).filter(|t| inner.installed(t)).ok_or_else(not_found)?;
     if namespace.is_some() && !rt.namespaced {
         return Err(not_found());
     }

@@ -287,9 +287,10 @@ pub fn group(group: &str) -> Option<Value> {
     Some(doc)
 }
 
-/// `GET /api/v1` or `GET /apis/{group}/{version}`.
-pub fn resource_list(group: &str, version: &str) -> Option<Value> {
-    let types: Vec<&ResourceType> = TYPES.iter().filter(|t| t.group == group && t.serves(version)).collect();
+/// `GET /api/v1` or `GET /apis/{group}/{version}`, listing the types `installed` accepts.
+pub fn resource_list(group: &str, version: &str, installed: impl Fn(&ResourceType) -> bool) -> Option<Value> {
+    let types: Vec<&ResourceType> =
+        TYPES.iter().filter(|t| t.group == group && t.serves(version) && installed(t)).collect();
     if types.is_empty() {
         return None;
     }
