@@ -457,3 +457,40 @@ pub fn cni_add_uid(pod: &Pod, socket: &Path, uid: &str) -> Result<()> {
     ensure!(printed == prev, "ADD must pass prevResult through unchanged: got {printed}, sent {prev}");
     Ok(())
 }
+
+/// The node agent's cluster source (`weft::discovery::kube::run`, as node `node-a`) run in this
+/// process against `api`, for tests of what it reads and reports without a `weft node`. Call
+/// inside a Tokio runtime; the source stops on drop.
+pub struct InProcessSource {
+    pub client: kube::Client,
+    pub store: Arc<weft::state::StateStore>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl InProcessSource {
+    /// Starts the source and waits (≤ 5 s, else panics) for its first complete snapshot.
+    pub async fn start(api: &ApiServer) -> InProcessSource {
+        use weft::discovery::kube::{KubeOptions, run};
+        let client = kube::Client::try_from(kube::Config::new(api.url().parse().expect("the double's URL")))
+            .expect("a client for the API double");
+        let store = Arc::new(weft::state::StateStore::new(weft::state::State::default()));
+        let (synced_tx, mut synced) = tokio::sync::watch::channel(false);
+        let opts = KubeOptions {
+            trust_domain: "cluster.local".into(),
+            node_name: "node-a".into(),
+            root_namespace: "istio-system".into(),
+        };
+        let task = tokio::spawn(run(client.clone(), opts, store.clone(), synced_tx, std::future::pending()));
+        tokio::time::timeout(Duration::from_secs(5), synced.wait_for(|s| *s))
+            .await
+            .expect("the source's initial sync within 5 s")
+            .expect("the source ended before its initial sync");
+        InProcessSource { client, store, task }
+    }
+}
+
+impl Drop for InProcessSource {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

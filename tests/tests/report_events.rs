@@ -3,17 +3,14 @@
 //! field, shaped as the API conventions ask, not one per state rebuild; fixing the object adds none.
 //! Its own test binary: the node reporter is installed once per process.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams};
 use serde_json::{Value, json};
-use tokio::sync::{oneshot, watch};
 use weft::discovery::kube::report::{self, Reporter};
-use weft::discovery::kube::{KubeOptions, run};
-use weft::state::{State, StateStore};
 use weft_tests::apiserver::ApiServer;
+use weft_tests::cluster::InProcessSource;
 
 fn ap(name: &str, spec: Value) -> Value {
     json!({
@@ -48,20 +45,10 @@ async fn invalid_authorization_policies_get_one_event_each() {
     server.put(ap("fine", json!({"rules": [{"from": [{"source": {"namespaces": ["demo"]}}]}]}))).unwrap();
 
     let client = kube::Client::try_from(kube::Config::new(server.url().parse().unwrap())).unwrap();
-    let reporter = Reporter::spawn(client.clone(), report::NODE_CONTROLLER, "node-a");
+    let reporter = Reporter::spawn(client, report::NODE_CONTROLLER, "node-a");
     assert!(report::install(reporter.clone()));
-    let store = Arc::new(StateStore::new(State::default()));
-    let (synced_tx, mut synced) = watch::channel(false);
-    let (_stop, stopped) = oneshot::channel::<()>();
-    let opts = KubeOptions {
-        trust_domain: "cluster.local".into(),
-        node_name: "node-a".into(),
-        root_namespace: "istio-system".into(),
-    };
-    let task = tokio::spawn(run(client.clone(), opts, store.clone(), synced_tx, async {
-        let _ = stopped.await;
-    }));
-    tokio::time::timeout(Duration::from_secs(5), synced.wait_for(|s| *s)).await.expect("sync").unwrap();
+    let source = InProcessSource::start(&server).await;
+    let client = source.client.clone();
 
     let api: Api<Event> = Api::namespaced(client.clone(), "demo");
     let got = wait_events(&api, 2).await;
@@ -106,5 +93,4 @@ async fn invalid_authorization_policies_get_one_event_each() {
     assert_eq!(events(&api).await.len(), 2);
     assert_eq!(reporter.dropped(), 0);
     assert_eq!(reporter.published(), 2);
-    task.abort();
 }

@@ -4,19 +4,18 @@
 //! observedGeneration for a good route, ResolvedRefs False/BackendNotFound for a missing backend —
 //! written next to another controller's entry, which stays.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams};
 use serde_json::{Value, json};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 use weft::discovery::kube::report::{self, Problem, Reporter};
-use weft::discovery::kube::{KubeOptions, run};
-use weft::state::{State, StateStore};
+use weft::state::State;
 use weft::waypoint::WaypointId;
 use weft::waypoint::route::RouteTable;
 use weft_tests::apiserver::ApiServer;
+use weft_tests::cluster::InProcessSource;
 
 fn svc(name: &str, ip: &str) -> Value {
     json!({
@@ -88,19 +87,8 @@ async fn waypoint_reports_bad_regex_and_writes_route_status() {
     server.put(good).unwrap();
     server.put(route("missing", "nope")).unwrap();
 
-    let client = kube::Client::try_from(kube::Config::new(server.url().parse().unwrap())).unwrap();
-    let store = Arc::new(StateStore::new(State::default()));
-    let (synced_tx, mut synced) = watch::channel(false);
-    let (_stop, stopped) = oneshot::channel::<()>();
-    let opts = KubeOptions {
-        trust_domain: "cluster.local".into(),
-        node_name: "node-a".into(),
-        root_namespace: "istio-system".into(),
-    };
-    let source = tokio::spawn(run(client.clone(), opts, store.clone(), synced_tx, async {
-        let _ = stopped.await;
-    }));
-    tokio::time::timeout(Duration::from_secs(5), synced.wait_for(|s| *s)).await.expect("sync").unwrap();
+    let source = InProcessSource::start(&server).await;
+    let (client, store) = (source.client.clone(), source.store.clone());
 
     let reporter = Reporter::spawn(client.clone(), report::WAYPOINT_CONTROLLER, "waypoint-7d9f");
     let me = WaypointId { namespace: "bookinfo".into(), name: "waypoint".into() };
@@ -187,5 +175,4 @@ async fn waypoint_reports_bad_regex_and_writes_route_status() {
     assert_eq!(route_events, 1, "the missing backend is an Event too, once");
     assert_eq!(reporter.dropped(), 0);
     watcher.abort();
-    source.abort();
 }

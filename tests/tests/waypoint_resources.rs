@@ -3,7 +3,6 @@
 //! not serve it: the first sync must not wait for it), and `weft ctl waypoint apply` server-side
 //! applying a waypoint. No root needed.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -11,12 +10,11 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::{Value, json};
-use tokio::sync::{oneshot, watch};
 use weft::crd::Gateway;
 use weft::ctl::{Waypoint, apply};
-use weft::discovery::kube::{KubeOptions, run};
 use weft::state::{State, StateStore};
 use weft_tests::apiserver::ApiServer;
+use weft_tests::cluster::InProcessSource;
 
 fn ns(name: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {"team": "a"}}})
@@ -70,23 +68,10 @@ async fn routing_resources_are_watched_and_a_missing_crd_does_not_block_the_sync
                      "rules": [{"backendRefs": [{"name": "ratings", "port": 9080}]}]},
         }))
         .unwrap();
-    let client = kube::Client::try_from(kube::Config::new(server.url().parse().unwrap())).unwrap();
-    let store = Arc::new(StateStore::new(State::default()));
-    let (synced_tx, mut synced) = watch::channel(false);
-    let (_stop, stopped) = oneshot::channel::<()>();
-    let opts = KubeOptions {
-        trust_domain: "cluster.local".into(),
-        node_name: "node-a".into(),
-        root_namespace: "istio-system".into(),
-    };
-    let task = tokio::spawn(run(client.clone(), opts, store.clone(), synced_tx, async {
-        let _ = stopped.await;
-    }));
+    // Synced within 5 s (else start panics) although envoyfilters.networking.istio.io is not served.
     let started = Instant::now();
-    tokio::time::timeout(Duration::from_secs(5), synced.wait_for(|s| *s))
-        .await
-        .expect("initial sync within 5 s although envoyfilters.networking.istio.io is not served")
-        .unwrap();
+    let source = InProcessSource::start(&server).await;
+    let (client, store) = (source.client.clone(), source.store.clone());
     assert!(started.elapsed() < Duration::from_secs(3), "sync took {:?}", started.elapsed());
     // The source did ask for the missing CRD, and was told it is not there.
     assert!(server.requests().iter().any(|r| r.contains("/envoyfilters")), "EnvoyFilters never requested");
@@ -120,7 +105,6 @@ async fn routing_resources_are_watched_and_a_missing_crd_does_not_block_the_sync
     let names: Vec<_> =
         store.load().routing.virtual_services.iter().map(|v| v.metadata.name.clone().unwrap()).collect();
     assert_eq!(names, ["reviews", "second"], "the typo is left out");
-    task.abort();
 }
 
 #[tokio::test]
