@@ -160,9 +160,14 @@ pub async fn run_node(config: Arc<Config>) -> Result<(), Error> {
     };
     pods.adopt_pinned(&store.load());
     let mut changes = store.subscribe();
+    let mut startup_pages_released = false;
     loop {
         let all_enrolled = pods.reconcile(&store.load()).await;
         admin.ready.store(all_enrolled, Ordering::Release);
+        if all_enrolled && !startup_pages_released {
+            startup_pages_released = true;
+            tokio::task::spawn_blocking(crate::reclaim::release_startup_pages);
+        }
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,

@@ -1,7 +1,7 @@
 //! weft: a sidecarless service mesh. One crate, one binary (`weft`), subcommands in `main.rs`.
 //!
 //! Layering (imports only point down the list; `app` alone wires everything together):
-//! - bottom: `config`, `crd`, `identity`, `netns`, `drain`, `metrics`, `policy`, `state`
+//! - bottom: `config`, `crd`, `identity`, `netns`, `drain`, `metrics`, `policy`, `reclaim`, `state`
 //! - middle: `discovery` (feeds `state`), `redirect` (eBPF), `proxy` (HBONE tunnel, in-pod listeners),
 //!   `waypoint` (L7 proxy; uses `proxy::hbone`)
 //! - top: `admin` (HTTP endpoints), `uninstall` (removing weft from a node), `app`
@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod netns;
 pub mod policy;
 pub mod proxy;
+pub mod reclaim;
 pub mod redirect;
 pub mod state;
 pub mod uninstall;
