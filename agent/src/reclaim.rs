@@ -64,7 +64,7 @@ pub fn release_startup_pages() -> usize {
     };
     let before = rss_file_kib();
     let mut advised = 0;
-    for range in read_only_mappings_of_file_at(&maps, release_startup_pages as usize) {
+    for range in read_only_mappings_of_file_at(&maps, release_startup_pages as *const () as usize) {
         let len = range.end - range.start;
         // SAFETY: the range is a whole mapping of our own executable, read-only, taken from
         // /proc/self/maps. MADV_PAGEOUT never changes the contents of a mapping: it only reclaims
