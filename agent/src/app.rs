@@ -166,7 +166,12 @@ pub async fn run_node(config: Arc<Config>) -> Result<(), Error> {
         admin.ready.store(all_enrolled, Ordering::Release);
         if all_enrolled && !startup_pages_released {
             startup_pages_released = true;
-            tokio::task::spawn_blocking(crate::reclaim::release_startup_pages);
+            // Readiness is not quite the end of startup: the enrolled pods' certificates are
+            // being issued right now. Release once that has settled.
+            tokio::spawn(async {
+                tokio::time::sleep(crate::reclaim::SETTLE_AFTER_READY).await;
+                tokio::task::spawn_blocking(crate::reclaim::release_startup_pages);
+            });
         }
         tokio::select! {
             _ = term.recv() => break,

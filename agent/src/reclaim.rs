@@ -14,6 +14,11 @@
 
 use std::ops::Range;
 
+/// How long after first becoming ready the node agent releases its startup pages: the enrolled
+/// pods' first certificates are issued right after readiness, and that code should not fault
+/// straight back in.
+pub const SETTLE_AFTER_READY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// One mapping of `/proc/self/maps`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Mapping {
