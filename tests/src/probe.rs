@@ -105,7 +105,14 @@ pub enum Server {
     Sink,
     /// Sends `bytes` bytes of [`Pattern`], then closes; prints their hash.
     Source { bytes: u64 },
+    /// Connects to `to` and copies bytes both ways (half-close passed on), in user space with
+    /// `RELAY_CHUNK` buffers: a tunnel without TLS or HTTP/2, the baseline the bench compares the
+    /// mesh's copy path against.
+    Relay { to: SocketAddr },
 }
+
+/// Read size of the relay: weft's own largest tunnel read.
+const RELAY_CHUNK: usize = 256 * 1024;
 
 /// Ways an HTTP server misbehaves on purpose, for retries, timeouts and outlier detection.
 #[derive(Debug, Clone, Default)]
@@ -186,7 +193,39 @@ fn handle(kind: Server, mut s: TcpStream, peer: &str) -> Result<()> {
             println!("source peer={peer} bytes={bytes} sha256={sha}");
             Ok(())
         }
+        Server::Relay { to } => {
+            let up = connect(to)?;
+            // A bulk transfer may idle longer than IO_TIMEOUT in one direction (iperf's control
+            // connection does): the relay waits as long as its peers do.
+            for side in [&s, &up] {
+                side.set_read_timeout(None)?;
+            }
+            let (s2, up2) = (s.try_clone()?, up.try_clone()?);
+            let back = std::thread::spawn(move || relay_half(up2, s2));
+            relay_half(s, up)?;
+            back.join().map_err(|_| anyhow::anyhow!("relay thread panicked"))?
+        }
     }
+}
+
+/// Copies `from` to `to` until EOF, then shuts down `to`'s write side. An error (a reset) shuts
+/// both sockets down, so the other direction's blocked read ends too.
+fn relay_half(mut from: TcpStream, mut to: TcpStream) -> Result<()> {
+    let mut buf = vec![0u8; RELAY_CHUNK];
+    let copied = (|| -> io::Result<()> {
+        loop {
+            let n = from.read(&mut buf)?;
+            if n == 0 {
+                return to.shutdown(Shutdown::Write);
+            }
+            to.write_all(&buf[..n])?;
+        }
+    })();
+    if copied.is_err() {
+        let _ = from.shutdown(Shutdown::Both);
+        let _ = to.shutdown(Shutdown::Both);
+    }
+    Ok(copied?)
 }
 
 /// Serves HTTP/1.1 requests on one connection (keep-alive honoured), at most 10 000 of them.
@@ -450,6 +489,16 @@ mod tests {
         let (got, sha) = recv(server(Server::Source { bytes: n })).unwrap();
         assert_eq!(got, n);
         assert_eq!(sha, expected_sha256(n));
+    }
+
+    #[test]
+    fn relay_passes_bytes_and_half_close_through() {
+        let relay = server(Server::Relay { to: server(Server::Sink) });
+        let n = 5 * RELAY_CHUNK as u64 + 7;
+        let (sent, reply) = send(relay, n).unwrap();
+        // The sink answers only after EOF, so its reply proves the half-close went through.
+        assert_eq!(reply["sha256"], sent);
+        assert_eq!(reply["bytes"], n.to_string());
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! `cargo xtask bench l4`: one run on one network-namespace topology (client and server pods in an
 //! ambient namespace) comparing (a) no mesh, (b) weft with its eBPF redirect and (c) the same
-//! agent behind an iptables REDIRECT (`--redirect iptables`), for iperf3 throughput (1 and 4
+//! agent behind an iptables REDIRECT (`--redirect iptables`), and (d) a plain user-space TCP relay
+//! on the same three legs as the mesh (a relay in each pod, no TLS, no HTTP/2: the floor a
+//! user-space tunnel pays on this machine before any encryption), for iperf3 throughput (1 and 4
 //! streams), the machine's CPU time per GiB moved, fixed-rate request/response latency, new
 //! connections per second and the agent's RSS idle and under load. Prints a table with ratios to
 //! (a). Every measurement is bounded.
@@ -61,7 +63,12 @@ enum Setup {
     NoMesh,
     Ebpf,
     Iptables,
+    /// `weft-probe relay` in both pods: client → relay (client pod) → relay (server pod) → server.
+    Relay,
 }
+
+/// Ports of the relay setup: iperf and echo, in the client pod and in the server pod.
+const RELAY_PORTS: [(u16, u16, u16); 2] = [(15101, 15102, IPERF_PORT), (15103, 15104, ECHO_PORT)];
 
 impl Setup {
     fn label(self) -> &'static str {
@@ -69,6 +76,7 @@ impl Setup {
             Setup::NoMesh => "no mesh",
             Setup::Ebpf => "weft (eBPF)",
             Setup::Iptables => "iptables",
+            Setup::Relay => "TCP relay, no TLS",
         }
     }
 }
@@ -99,7 +107,7 @@ pub fn l4(args: Args) -> Result<()> {
     std::thread::sleep(Duration::from_millis(300));
 
     let mut rows: Vec<(Setup, Result<Row>)> = Vec::new();
-    for setup in [Setup::NoMesh, Setup::Ebpf, Setup::Iptables] {
+    for setup in [Setup::NoMesh, Setup::Ebpf, Setup::Iptables, Setup::Relay] {
         println!("==> {} ({} s per measurement)", setup.label(), args.duration);
         let r = measure_setup(setup, &topo, client, server, &weft, &args);
         if let Err(e) = &r {
@@ -123,7 +131,7 @@ fn measure_setup(
     args: &Args,
 ) -> Result<Row> {
     let agent = match setup {
-        Setup::NoMesh => None,
+        Setup::NoMesh | Setup::Relay => None,
         Setup::Ebpf | Setup::Iptables => {
             let mut opts = AgentOptions::for_topology(topo);
             opts.bin = weft.to_path_buf();
@@ -163,8 +171,22 @@ fn measure_setup(
             .ok()
             .context("install the iptables REDIRECT rule in the client pod")?;
     }
+    // The relay setup dials the client pod's relay; every other setup dials the server.
+    let mut relays = Vec::new();
+    let (iperf_to, echo_to) = if setup == Setup::Relay {
+        for (client_port, server_port, app_port) in RELAY_PORTS {
+            let inner = server.addr(app_port).to_string();
+            relays.push(server.serve("relay", &["relay", "--port", &server_port.to_string(), "--to", &inner])?);
+            let outer = server.addr(server_port).to_string();
+            relays.push(client.serve("relay", &["relay", "--port", &client_port.to_string(), "--to", &outer])?);
+        }
+        (client.addr(RELAY_PORTS[0].0), client.addr(RELAY_PORTS[1].0))
+    } else {
+        (server.addr(IPERF_PORT), server.addr(ECHO_PORT))
+    };
     let pid = agent.as_ref().and_then(|a| a.pid());
-    std::thread::sleep(Duration::from_secs(1));
+    // Idle: startup has settled (the agent releases its startup-only pages 2 s after ready).
+    std::thread::sleep(Duration::from_secs(4));
     let mut row = Row { rss_idle_mib: pid.and_then(rss_mib), ..Row::default() };
     if let Some((anon, file)) = pid.and_then(rss_split_mib) {
         println!(
@@ -174,15 +196,15 @@ fn measure_setup(
     let d = args.duration;
 
     let busy = busy_cpu_ms()?;
-    let (gbps, bytes) = iperf(client, server, 1, d)?;
+    let (gbps, bytes) = iperf(client, iperf_to, 1, d)?;
     row.gbps_1 = gbps;
     row.cpu_ms_per_gib = (busy_cpu_ms()? - busy) / (bytes / f64::from(1u32 << 30));
     let sampler = RssSampler::start(pid);
-    row.gbps_4 = iperf(client, server, 4, d)?.0;
+    row.gbps_4 = iperf(client, iperf_to, 4, d)?.0;
     row.rss_load_mib = sampler.stop();
 
     let limit = Duration::from_secs(d + 60);
-    let target = server.addr(ECHO_PORT).to_string();
+    let target = echo_to.to_string();
     let out = client
         .probe(&["rr", "--to", &target, "--rate", &args.rate.to_string(), "--duration", &d.to_string()], limit)?
         .ok()?;
@@ -236,15 +258,15 @@ fn busy_cpu_ms() -> Result<f64> {
 }
 
 /// iperf3 throughput in Gbit/s and bytes received (receiver side) with `streams` parallel streams.
-fn iperf(client: &Pod, server: &Pod, streams: u32, secs: u64) -> Result<(f64, f64)> {
+fn iperf(client: &Pod, to: std::net::SocketAddr, streams: u32, secs: u64) -> Result<(f64, f64)> {
     let out = client
         .exec(
             &[
                 "iperf3",
                 "-c",
-                &server.ipv4.to_string(),
+                &to.ip().to_string(),
                 "-p",
-                &IPERF_PORT.to_string(),
+                &to.port().to_string(),
                 "-t",
                 &secs.to_string(),
                 "-P",

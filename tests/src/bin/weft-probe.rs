@@ -65,6 +65,13 @@ enum Cmd {
         #[arg(long)]
         bytes: u64,
     },
+    /// Relay every connection to --to (plain TCP, user-space copy): the bench's no-TLS tunnel.
+    Relay {
+        #[command(flatten)]
+        serve: ServeOpts,
+        #[arg(long)]
+        to: SocketAddr,
+    },
     /// Send N bytes to a sink; print `bytes=N sent_sha256=HEX peer_sha256=HEX peer_bytes=N`.
     Send {
         #[arg(long)]
@@ -121,6 +128,7 @@ fn main() -> Result<()> {
         Cmd::Echo { serve: o } => serve(Server::Echo, o),
         Cmd::Sink { serve: o } => serve(Server::Sink, o),
         Cmd::Source { serve: o, bytes } => serve(Server::Source { bytes }, o),
+        Cmd::Relay { serve: o, to } => serve(Server::Relay { to }, o),
         Cmd::Send { to, bytes } => {
             let (sha, reply) = probe::send(to, bytes)?;
             let get = |k: &str| reply.get(k).cloned().unwrap_or_else(|| "none".into());
