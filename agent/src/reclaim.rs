@@ -37,7 +37,11 @@ fn parse_mapping(line: &str) -> Option<Mapping> {
     let _offset = fields.next()?;
     let dev = fields.next()?;
     let inode: u64 = fields.next()?.parse().ok()?;
-    Some(Mapping { range, writable: perms.as_bytes().get(1) == Some(&b'w'), file: (inode != 0).then(|| (dev.to_owned(), inode)) })
+    Some(Mapping {
+        range,
+        writable: perms.as_bytes().get(1) == Some(&b'w'),
+        file: (inode != 0).then(|| (dev.to_owned(), inode)),
+    })
 }
 
 /// The read-only mappings of the file that holds `addr` (our own executable when `addr` is one of

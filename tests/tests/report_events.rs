@@ -1,6 +1,7 @@
 //! The node agent's Events on bad configuration (`discovery::kube::report`), against the API server
 //! double: each invalid AuthorizationPolicy gets exactly one `events.k8s.io/v1` Event naming the
-//! field, shaped as the API conventions ask, not one per state rebuild; fixing the object adds none.
+//! field, shaped as the API conventions ask, not one per state rebuild nor one per node; fixing the
+//! object adds none.
 //! Its own test binary: the node reporter is installed once per process.
 
 use std::time::{Duration, Instant};
@@ -87,10 +88,34 @@ async fn invalid_authorization_policies_get_one_event_each() {
         assert!(note.len() <= 1024);
     }
 
+    // Other node agents find the same problems in the same objects: they write no second Event.
+    let others: Vec<Reporter> =
+        ["node-b", "node-c"].iter().map(|n| Reporter::spawn(client.clone(), report::NODE_CONTROLLER, n)).collect();
+    for e in &after {
+        let (field, reason) = e.note.as_deref().unwrap().split_once(": ").expect("note is `field: reason`");
+        let name = e.regarding.as_ref().and_then(|r| r.name.as_deref()).unwrap();
+        for r in &others {
+            r.report(report::Problem::new("AuthorizationPolicy", "demo", name, field, reason));
+        }
+    }
+    // A problem no node reported yet gets exactly one Event, whichever node is first.
+    for r in &others {
+        r.report(report::Problem::new("AuthorizationPolicy", "demo", "fine", "spec.rules[0]", "found by two nodes"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while others.iter().map(|r| r.published()).sum::<u64>() < 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let all = events(&api).await;
+    assert_eq!(all.len(), 3, "one Event per problem in the cluster, not one per node: {all:#?}");
+    assert_eq!(others.iter().map(|r| r.published()).sum::<u64>(), 1);
+    assert_eq!(all.iter().filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("fine")).count(), 1);
+
     // Fixing an object reports nothing new.
     server.put(ap("typo", json!({"selector": {"matchLabels": {"app": "x"}}}))).unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(events(&api).await.len(), 2);
+    assert_eq!(events(&api).await.len(), 3);
     assert_eq!(reporter.dropped(), 0);
     assert_eq!(reporter.published(), 2);
 }

@@ -10,9 +10,12 @@
 //!
 //! Events follow the API conventions: the Event lives in the object's namespace, `regarding` carries
 //! the object's apiVersion/kind/namespace/name/uid/resourceVersion read back from the API server
-//! (the reflector stores drop uids to save memory), `eventTime` is set, and the name is
-//! `<object>.<hex nanoseconds>` as client-go names them. An object that changed or went away since
-//! the problem was found gets no Event: the next rebuild judges the new version.
+//! (the reflector stores drop uids to save memory), `eventTime` is set. Every node agent sees the
+//! same bad object, so the name is not client-go's `<object>.<hex nanoseconds>` but
+//! `<object>.<hash of uid, version, note>`: the first node to report a problem of one object version
+//! creates the Event, the others get `409 AlreadyExists` and write nothing — one Event per problem
+//! in the cluster, not one per node, with no leader election. An object that changed or went away
+//! since the problem was found gets no Event: the next rebuild judges the new version.
 
 mod status;
 
@@ -236,6 +239,12 @@ impl Publisher {
             tracing::debug!(kind = %p.kind, namespace = %p.namespace, name = %p.name, "object changed since; no Event for the old version");
             return Ok(false);
         }
+        let version = match object.metadata.generation {
+            Some(g) => g.to_string(),
+            None => object.metadata.resource_version.clone().unwrap_or_default(),
+        };
+        let note = p.note();
+        let name = event_name(&p.name, object.metadata.uid.as_deref().unwrap_or_default(), &version, &note);
         let now = Timestamp::now();
         let regarding = ObjectReference {
             api_version: Some(ar.api_version.clone()),
@@ -247,24 +256,39 @@ impl Publisher {
             field_path: None,
         };
         let event = Event {
-            metadata: ObjectMeta {
-                name: Some(format!("{}.{:x}", p.name, now.as_nanosecond())),
-                namespace: Some(p.namespace.clone()),
-                ..ObjectMeta::default()
-            },
+            metadata: ObjectMeta { name: Some(name), namespace: Some(p.namespace.clone()), ..ObjectMeta::default() },
             event_time: Some(MicroTime(now)),
             type_: Some("Warning".into()),
             reason: Some(REASON.into()),
             action: Some(ACTION.into()),
-            note: Some(p.note()),
+            note: Some(note),
             regarding: Some(regarding),
             reporting_controller: Some(self.controller.clone()),
             reporting_instance: Some(self.instance.clone()),
             ..Event::default()
         };
-        Api::<Event>::namespaced(self.client.clone(), &p.namespace).create(&PostParams::default(), &event).await?;
-        Ok(true)
+        match Api::<Event>::namespaced(self.client.clone(), &p.namespace).create(&PostParams::default(), &event).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                tracing::debug!(kind = %p.kind, namespace = %p.namespace, name = %p.name, "another node reported this problem already");
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
+}
+
+/// `<object>.<16 hex digits>`: the same for every node that finds the same problem (`note`) in the
+/// same version of the same object (`uid`), different for anything else.
+fn event_name(object: &str, uid: &str, version: &str, note: &str) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in [uid, version, note] {
+        ctx.update(part.as_bytes());
+        ctx.update(&[0]);
+    }
+    let digest = ctx.finish();
+    let hex: String = digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{object}.{hex}")
 }
 
 /// The node agent's reporter, when installed: the cluster source of this process reports through it.
@@ -392,5 +416,29 @@ fn routing_meta<'a>(state: &'a State, kind: &str, ns: &str, name: &str) -> Optio
         "Gateway" => find(r.gateways.iter().map(|o| &o.metadata), ns, name),
         "HTTPRoute" => find(r.http_routes.iter().map(|o| &o.metadata), ns, name),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_names_are_stable_per_object_version_and_problem() {
+        let a = event_name("bad-ip", "uid-1", "3", "spec.rules[0]: not an IP");
+        assert_eq!(
+            a,
+            event_name("bad-ip", "uid-1", "3", "spec.rules[0]: not an IP"),
+            "every node computes the same name"
+        );
+        assert!(a.starts_with("bad-ip.") && a.len() == "bad-ip.".len() + 16, "{a}");
+        for other in [
+            event_name("bad-ip", "uid-2", "3", "spec.rules[0]: not an IP"), // recreated object
+            event_name("bad-ip", "uid-1", "4", "spec.rules[0]: not an IP"), // new generation
+            event_name("bad-ip", "uid-1", "3", "spec.rules[1]: not an IP"), // another problem
+            event_name("bad-ip", "uid-13", "", "spec.rules[0]: not an IP"), // parts do not run together
+        ] {
+            assert_ne!(a, other);
+        }
     }
 }
