@@ -7,11 +7,15 @@
 //! `kubectl delete -k deploy/`) the DaemonSet is gone or being deleted and nothing follows: left in
 //! place, the programs would cut enrolled pods off for good and the CNI entry would fail every new
 //! pod of an ambient namespace. So the agent looks up the DaemonSet that owns its own pod, as
-//! Istio's CNI agent does: present and not being deleted → keep; not found, marked for deletion,
-//! or the agent's own access revoked (401/403: its RBAC or ServiceAccount went first) → remove the
+//! Istio's CNI agent does: present, not being deleted and still selecting this node → keep; not
+//! found, marked for deletion, its pod template no longer selecting this node (its `nodeSelector`
+//! or required node affinity changed: the DaemonSet controller is taking weft off this node and no
+//! pod follows), or the agent's own access revoked (401/403: its RBAC or ServiceAccount went first) → remove the
 //! CNI entry and plugin binary, then detach and unpin the eBPF programs, so pods go back to plain
 //! networking exactly as before weft. When the answer is unknown (API server unreachable) the
-//! agent keeps everything: failing closed is the safe side.
+//! agent keeps everything: failing closed is the safe side. Taints are not read: the DaemonSet
+//! controller's automatic tolerations (not-ready, unreachable, pressure) would have to be mirrored
+//! exactly, and a node reboot must never look like an uninstall.
 //!
 //! Owns the decision and the removal; the caller (`app`) decides when to ask and drains
 //! connections in between.
@@ -19,8 +23,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, NodeSelectorRequirement, Pod};
 use kube::Api;
 
 /// The node agent's own pod (`--pod-namespace`/`--pod-name`, from the downward API).
@@ -55,6 +61,11 @@ enum Lookup {
     Deleting {
         daemon_set: String,
     },
+    /// The DaemonSet's pod template no longer selects the agent's node.
+    NotScheduledHere {
+        daemon_set: String,
+        node: String,
+    },
     NotFound {
         what: String,
     },
@@ -74,6 +85,9 @@ fn verdict(l: Lookup) -> Verdict {
             Verdict::Keep(format!("DaemonSet {daemon_set} is still present: a restart, upgrade or node reboot"))
         }
         Lookup::Deleting { daemon_set } => Verdict::Remove(format!("DaemonSet {daemon_set} is being deleted")),
+        Lookup::NotScheduledHere { daemon_set, node } => Verdict::Remove(format!(
+            "DaemonSet {daemon_set} no longer selects node {node} (its nodeSelector or node affinity changed)"
+        )),
         Lookup::NotFound { what } => Verdict::Remove(format!("{what} no longer exists")),
         Lookup::Denied { what, code } => {
             Verdict::Remove(format!("reading {what} is no longer allowed ({code}): weft's RBAC is being removed"))
@@ -122,10 +136,75 @@ async fn lookup(client: &kube::Client, me: &SelfPod) -> Lookup {
         .find(|o| o.kind == "DaemonSet" && o.controller == Some(true) && o.api_version.starts_with("apps/"));
     let Some(owner) = owner else { return Lookup::NoOwner };
     let daemon_set = format!("{}/{}", me.namespace, owner.name);
-    match Api::<DaemonSet>::namespaced(client.clone(), &me.namespace).get(&owner.name).await {
-        Ok(ds) if ds.metadata.deletion_timestamp.is_some() => Lookup::Deleting { daemon_set },
+    let ds = match Api::<DaemonSet>::namespaced(client.clone(), &me.namespace).get(&owner.name).await {
+        Ok(ds) if ds.metadata.deletion_timestamp.is_some() => return Lookup::Deleting { daemon_set },
+        Ok(ds) => ds,
+        Err(e) => return failed(format!("DaemonSet {daemon_set}"), e),
+    };
+    // Only a Node read back and positively not selected means "taken off this node"; a Node that
+    // cannot be read (RBAC of an older install, a wrong node name) keeps the restart answer.
+    let Some(node_name) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
+        return Lookup::Present { daemon_set };
+    };
+    match Api::<Node>::all(client.clone()).get(&node_name).await {
+        Ok(node) if !template_selects(&ds, &node) => Lookup::NotScheduledHere { daemon_set, node: node_name },
         Ok(_) => Lookup::Present { daemon_set },
-        Err(e) => failed(format!("DaemonSet {daemon_set}"), e),
+        Err(e) => {
+            tracing::debug!(node = %node_name, error = %e, "cannot read the agent's Node; not checking node selection");
+            Lookup::Present { daemon_set }
+        }
+    }
+}
+
+/// Whether the DaemonSet's pod template may run on `node`: its `nodeSelector` and its required
+/// node affinity, with the scheduler's semantics (terms are ORed, requirements within a term ANDed,
+/// a term without requirements matches nothing).
+fn template_selects(ds: &DaemonSet, node: &Node) -> bool {
+    let Some(spec) = ds.spec.as_ref().and_then(|s| s.template.spec.as_ref()) else { return true };
+    let empty = BTreeMap::new();
+    let labels = node.metadata.labels.as_ref().unwrap_or(&empty);
+    let name = node.metadata.name.as_deref().unwrap_or_default();
+    if let Some(selector) = &spec.node_selector
+        && !selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+    {
+        return false;
+    }
+    let required = spec
+        .affinity
+        .as_ref()
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|a| a.required_during_scheduling_ignored_during_execution.as_ref());
+    let Some(required) = required else { return true };
+    required.node_selector_terms.iter().any(|term| {
+        let exprs = term.match_expressions.as_deref().unwrap_or_default();
+        let fields = term.match_fields.as_deref().unwrap_or_default();
+        (!exprs.is_empty() || !fields.is_empty())
+            && exprs.iter().all(|r| requirement_matches(r, labels.get(&r.key).map(String::as_str)))
+            && fields.iter().all(|r| r.key == "metadata.name" && requirement_matches(r, Some(name)))
+    })
+}
+
+/// One node selector requirement against the value of its key (`None`: the key is absent).
+fn requirement_matches(r: &NodeSelectorRequirement, value: Option<&str>) -> bool {
+    let values = r.values.as_deref().unwrap_or_default();
+    let number = |s: &str| s.parse::<i64>().ok();
+    match r.operator.as_str() {
+        "In" => value.is_some_and(|v| values.iter().any(|x| x == v)),
+        "NotIn" => value.is_none_or(|v| values.iter().all(|x| x != v)),
+        "Exists" => value.is_some(),
+        "DoesNotExist" => value.is_none(),
+        "Gt" | "Lt" => match (value.and_then(number), values.first().and_then(|x| number(x))) {
+            (Some(v), Some(bound)) => {
+                if r.operator == "Gt" {
+                    v > bound
+                } else {
+                    v < bound
+                }
+            }
+            _ => false,
+        },
+        // An operator this agent does not know: do not conclude the node is excluded.
+        _ => true,
     }
 }
 
@@ -195,6 +274,69 @@ mod tests {
             matches!(verdict(Lookup::Failed("connection refused".into())), Verdict::Keep(r) if r.contains("connection refused"))
         );
         assert!(matches!(verdict(Lookup::NoOwner), Verdict::Keep(_)));
+    }
+
+    fn ds_with(template_spec: serde_json::Value) -> DaemonSet {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "weft-node", "namespace": "weft-system"},
+            "spec": {"selector": {"matchLabels": {"app": "weft-node"}},
+                     "template": {"metadata": {"labels": {"app": "weft-node"}}, "spec": template_spec}},
+        }))
+        .unwrap()
+    }
+
+    fn node(name: &str, labels: serde_json::Value) -> Node {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name, "labels": labels}})).unwrap()
+    }
+
+    fn affinity(terms: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({"containers": [{"name": "node"}],
+            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}}})
+    }
+
+    #[test]
+    fn node_selection_follows_the_schedulers_rules() {
+        let n = node("n1", serde_json::json!({"mesh": "on", "zone": "a", "cores": "8"}));
+        let plain = ds_with(serde_json::json!({"containers": [{"name": "node"}]}));
+        assert!(template_selects(&plain, &n), "no constraint selects every node");
+        let sel =
+            |s: serde_json::Value| ds_with(serde_json::json!({"containers": [{"name": "node"}], "nodeSelector": s}));
+        assert!(template_selects(&sel(serde_json::json!({"mesh": "on"})), &n));
+        assert!(!template_selects(&sel(serde_json::json!({"mesh": "off"})), &n));
+        assert!(!template_selects(&sel(serde_json::json!({"mesh": "on", "gpu": "yes"})), &n));
+
+        let expr =
+            |key: &str, op: &str, values: &[&str]| serde_json::json!({"key": key, "operator": op, "values": values});
+        let one = |e: serde_json::Value| ds_with(affinity(serde_json::json!([{"matchExpressions": [e]}])));
+        for (e, want) in [
+            (expr("zone", "In", &["a", "b"]), true),
+            (expr("zone", "In", &["b"]), false),
+            (expr("zone", "NotIn", &["b"]), true),
+            (expr("zone", "NotIn", &["a"]), false),
+            (expr("missing", "NotIn", &["a"]), true),
+            (serde_json::json!({"key": "zone", "operator": "Exists"}), true),
+            (serde_json::json!({"key": "zone", "operator": "DoesNotExist"}), false),
+            (expr("cores", "Gt", &["4"]), true),
+            (expr("cores", "Lt", &["4"]), false),
+            (expr("zone", "Gt", &["4"]), false),
+        ] {
+            assert_eq!(template_selects(&one(e.clone()), &n), want, "{e}");
+        }
+        // Terms are ORed; a term's requirements are ANDed; matchFields compares the node's name.
+        let terms = serde_json::json!([
+            {"matchExpressions": [expr("zone", "In", &["b"])]},
+            {"matchExpressions": [expr("zone", "In", &["a"])], "matchFields": [expr("metadata.name", "In", &["n1"])]},
+        ]);
+        assert!(template_selects(&ds_with(affinity(terms)), &n));
+        let terms = serde_json::json!([{"matchFields": [expr("metadata.name", "NotIn", &["n1"])]}]);
+        assert!(!template_selects(&ds_with(affinity(terms)), &n), "matchFields excludes this node by name");
+        assert!(!template_selects(&ds_with(affinity(serde_json::json!([{}]))), &n), "an empty term matches nothing");
+    }
+
+    #[test]
+    fn a_daemon_set_no_longer_selecting_the_node_means_uninstall() {
+        let v = verdict(Lookup::NotScheduledHere { daemon_set: ds(), node: "n1".into() });
+        assert!(matches!(&v, Verdict::Remove(r) if r.contains("no longer selects node n1")), "{v:?}");
     }
 
     #[test]

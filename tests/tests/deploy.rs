@@ -249,6 +249,7 @@ fn builtin_resources() -> BTreeMap<(String, String), Vec<&'static str>> {
         r::<EndpointSlice>(),
         r::<k8s_openapi::api::events::v1::Event>(),
         r::<k8s_openapi::api::apps::v1::DaemonSet>(),
+        r::<k8s_openapi::api::core::v1::Node>(),
     ] {
         m.insert(k, STANDARD.to_vec());
     }
@@ -394,6 +395,8 @@ fn rbac_is_exactly_what_each_component_needs() {
     let own_daemon_set = grant("weft-system", "apps", "daemonsets", "get", Some("weft-node"));
     let mut node_and_own = node.clone();
     node_and_own.insert(own_daemon_set);
+    // Its own Node, to tell whether the DaemonSet still selects it on SIGTERM.
+    node_and_own.insert(grant("cluster", "", "nodes", "get", None));
     assert_eq!(perms["weft-system/weft-node"], node_and_own, "weft-node");
 
     // Waypoints read what node agents read and write HTTPRoute status. The ClusterRole is bound per

@@ -2,7 +2,8 @@
 //! exists (restart, upgrade) leaves the CNI plugin and the pinned eBPF programs in place, so its
 //! enrolled pods fail closed until the next agent adopts them; one SIGTERMed after its DaemonSet
 //! was deleted (uninstall) removes the plugin entry and binary and unpins the programs, so the
-//! pods talk plainly again with no agent at all. Needs root and the `weft` binary.
+//! pods talk plainly again with no agent at all; so does one whose DaemonSet stays but no longer
+//! selects its node (nodeSelector changed). Needs root and the `weft` binary.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -62,14 +63,16 @@ fn own_agent_pod(cluster: &Cluster, topo: &Topology, ds_uid: &str) {
     cluster.api().put(pod).unwrap();
 }
 
-fn daemon_set() -> Value {
+/// The DaemonSet, running on nodes labelled `weft.io/mesh: <mesh_label>`.
+fn daemon_set(mesh_label: &str) -> Value {
     let labels = json!({"app.kubernetes.io/name": DAEMON_SET});
     json!({
         "apiVersion": "apps/v1", "kind": "DaemonSet",
         "metadata": {"name": DAEMON_SET, "namespace": SYSTEM_NAMESPACE},
         "spec": {"selector": {"matchLabels": labels},
                  "template": {"metadata": {"labels": labels},
-                              "spec": {"containers": [{"name": "node", "image": "weft"}]}}},
+                              "spec": {"containers": [{"name": "node", "image": "weft"}],
+                                       "nodeSelector": {"weft.io/mesh": mesh_label}}}},
     })
 }
 
@@ -115,7 +118,9 @@ fn a_restart_keeps_the_node_installation_and_an_uninstall_removes_it() {
     for p in [client, server] {
         api.put(pod_object(p, &node)).unwrap();
     }
-    let ds_uid = cluster.put_uid(daemon_set()).unwrap();
+    api.put(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node, "labels": {"weft.io/mesh": "on"}}}))
+        .unwrap();
+    let ds_uid = cluster.put_uid(daemon_set("on")).unwrap();
     let cni = CniDirs::create(topo.dir());
 
     // Restart: the DaemonSet is there, so the next agent must find everything as it was.
@@ -151,5 +156,26 @@ fn a_restart_keeps_the_node_installation_and_an_uninstall_removes_it() {
     assert!(!cni.binary().exists(), "the uninstall removes the plugin binary");
     assert!(!topo.bpf_pin_dir().exists(), "the uninstall unpins the eBPF programs");
     let body = scenario::get(client, &url, "after-uninstall").expect("with weft removed, pods talk plainly");
+    assert!(body.contains(&format!("peer={}", client.ipv4)), "the server sees the client directly: {body}");
+
+    // Installed again, then taken off this node: the DaemonSet stays but no longer selects it.
+    let ds_uid = cluster.put_uid(daemon_set("on")).unwrap();
+    let agent = start_agent(&cluster, &topo, &node, &cni, &ds_uid);
+    cni.install(agent.cni_socket());
+    for p in [client, server] {
+        cni_add(p, agent.cni_socket()).expect("CNI ADD enrolls the pod");
+    }
+    agent.wait_captured(NS, &["client", "server"], true, Duration::from_secs(10)).unwrap();
+    eventually_get(client, &url, Duration::from_secs(10)).expect("client → server through the reinstalled mesh");
+    let mut moved = daemon_set("elsewhere");
+    moved["metadata"]["uid"] = json!(ds_uid);
+    api.put(moved).unwrap();
+    drop(agent);
+    let log = weft_tests::read_lossy(&log_file);
+    assert!(log.contains(&format!("no longer selects node {node}")), "agent log:\n{log}");
+    assert_eq!(cni.plugin_types(), ["bridge", "portmap"], "leaving the node removes the CNI entry");
+    assert!(!cni.binary().exists(), "leaving the node removes the plugin binary");
+    assert!(!topo.bpf_pin_dir().exists(), "leaving the node unpins the eBPF programs");
+    let body = scenario::get(client, &url, "after-leaving").expect("with weft gone from the node, pods talk plainly");
     assert!(body.contains(&format!("peer={}", client.ipv4)), "the server sees the client directly: {body}");
 }

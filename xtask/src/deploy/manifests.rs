@@ -306,13 +306,16 @@ fn rule(group: &str, resources: &[&str], verbs: &[&str]) -> PolicyRule {
 const READ: [&str; 3] = ["get", "list", "watch"];
 
 /// Discovery reads (reflectors list and watch; `get` for one-off lookups) of everything the node
-/// agent honours, and writing Events on bad objects (kube-runtime's recorder uses events.k8s.io/v1
-/// and patches repeated events into a series). No Secrets, no writes to configuration.
+/// agent honours, reading Nodes (on SIGTERM: does the DaemonSet still select this node, or is weft
+/// being taken off it), and writing Events on bad objects (kube-runtime's recorder uses
+/// events.k8s.io/v1 and patches repeated events into a series). No Secrets, no writes to
+/// configuration.
 fn node_cluster_role() -> ClusterRole {
     ClusterRole {
         metadata: meta(NODE, false, component(NODE)),
         rules: Some(vec![
             rule("", &["pods", "namespaces", "services"], &READ),
+            rule("", &["nodes"], &["get"]),
             rule("discovery.k8s.io", &["endpointslices"], &READ),
             rule("security.istio.io", &["authorizationpolicies", "peerauthentications"], &READ),
             rule("networking.istio.io", &["virtualservices", "destinationrules", "envoyfilters"], &READ),
@@ -329,6 +332,8 @@ fn node_cluster_role() -> ClusterRole {
 /// ServiceAccount, so the waypoint's certificate and permissions belong to that namespace.
 fn waypoint_cluster_role() -> ClusterRole {
     let mut rules = node_cluster_role().rules.unwrap_or_default();
+    // Nodes are the node agent's own business (its uninstall check).
+    rules.retain(|r| r.resources.as_deref() != Some(&["nodes".to_owned()][..]));
     rules.insert(
         rules.len() - 1,
         rule("gateway.networking.k8s.io", &["httproutes/status"], &["get", "patch", "update"]),
