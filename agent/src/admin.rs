@@ -80,7 +80,7 @@ impl Admin {
                 serde_json::json!({
                     "name": w.name, "namespace": w.namespace, "serviceAccount": w.service_account,
                     "identity": w.identity.to_string(), "ips": w.ips, "node": w.node,
-                    "netns": w.netns, "captured": w.captured, "labels": w.labels,
+                    "netns": w.netns, "captured": w.captured, "labels": &*w.labels,
                 })
             })
             .collect();

@@ -1,4 +1,5 @@
-//! Giving the kernel back the pages of weft's own binary that only startup needed.
+//! Giving memory back to the kernel: the pages of weft's own binary that only startup needed, and
+//! the heap's free pages after a burst of short-lived allocations.
 //!
 //! Starting the node agent runs code it will not run again: argument parsing, the YAML and CRD
 //! decoders, the eBPF object loader and its BTF relocations, certificate setup. Every page of
@@ -7,9 +8,12 @@
 //! that will never run again. Once the agent is ready, [`release_startup_pages`] asks the kernel to
 //! reclaim those pages (`madvise(MADV_PAGEOUT)`): pages only weft maps leave its RSS and the page
 //! cache, pages another process also maps (a waypoint started from the same file) are left alone,
-//! and whatever weft runs afterwards faults back in on first use.
+//! and whatever weft runs afterwards faults back in on first use. The same mappings are then marked
+//! `MADV_RANDOM`: without it each of those faults reads ahead 128 KiB around the page, and the few
+//! hundred code pages a loaded agent touches pull ~10 MB of neighbours back in within a second.
 //!
-//! Owns only that; the heap is the allocator's business.
+//! [`trim_heap`] hands the allocator's free pages back (glibc keeps freed memory in its arenas,
+//! and a rebuilt snapshot of a large cluster frees tens of megabytes at once).
 #![allow(unsafe_code)] // one madvise call, with its SAFETY comment
 
 use std::ops::Range;
@@ -82,6 +86,10 @@ pub fn release_startup_pages() -> usize {
         let r = unsafe { libc::madvise(range.start as *mut libc::c_void, len, libc::MADV_PAGEOUT) };
         if r == 0 {
             advised += len;
+            // SAFETY: as above; MADV_RANDOM only changes how much the kernel reads on a fault.
+            if unsafe { libc::madvise(range.start as *mut libc::c_void, len, libc::MADV_RANDOM) } != 0 {
+                tracing::debug!(error = %std::io::Error::last_os_error(), "madvise(MADV_RANDOM) refused; faults read ahead");
+            }
         } else {
             // EINVAL on kernels before 5.4 (no MADV_PAGEOUT): nothing to do there.
             tracing::debug!(error = %std::io::Error::last_os_error(), "madvise(MADV_PAGEOUT) refused; keeping startup pages");
@@ -94,6 +102,16 @@ pub fn release_startup_pages() -> usize {
         "released the binary pages only startup used"
     );
     advised
+}
+
+/// Gives the heap's free pages back to the kernel (glibc's `malloc_trim`, which also releases
+/// whole free pages inside its arenas, not only at their top). Call after dropping a large, short-
+/// lived structure; it walks the allocator's free lists, so not on a hot path.
+pub fn trim_heap() {
+    // SAFETY: malloc_trim only walks glibc's own allocator state and has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 #[cfg(test)]

@@ -194,7 +194,8 @@ impl Redirect {
             sources: Mutex::new(Some(Sources { logger, events })),
             counters,
         };
-        sys::trim_heap();
+        // Loading parsed the kernel's BTF: megabytes of short-lived allocations glibc would keep.
+        crate::reclaim::trim_heap();
         tracing::info!(pin_dir = %opts.pin_dir.display(), cgroup = %opts.cgroup.display(), enrolled = redirect.enrolled()?.len(), "eBPF redirect loaded");
         Ok(redirect)
     }

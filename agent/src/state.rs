@@ -34,7 +34,9 @@ pub struct Workload {
     pub name: String,
     pub namespace: String,
     pub service_account: String,
-    pub labels: BTreeMap<String, String>,
+    /// Shared: the pods of one ReplicaSet carry the same labels, and the cluster source keeps one
+    /// copy of each distinct set.
+    pub labels: Arc<BTreeMap<String, String>>,
     pub ips: Vec<IpAddr>,
     /// `spec.nodeName`; `None` in local mode means "this node".
     pub node: Option<String>,
@@ -231,7 +233,7 @@ mod tests {
             name: name.into(),
             namespace: ns.into(),
             service_account: name.into(),
-            labels: BTreeMap::new(),
+            labels: Default::default(),
             ips: vec![ip.parse().unwrap()],
             node: None,
             uid: None,

@@ -40,6 +40,7 @@
 //! content until the relist completes.
 
 mod build;
+mod pods;
 pub mod report;
 #[cfg(test)]
 mod tests;
@@ -188,7 +189,7 @@ enum Outcome {
 /// The reflector stores the snapshot is built from.
 #[derive(Clone)]
 struct Stores {
-    pods: Store<trim::KeptPod>,
+    pods: pods::PodStore,
     namespaces: Store<PartialObjectMeta<Namespace>>,
     services: Store<Service>,
     slices: Store<EndpointSlice>,
@@ -199,6 +200,33 @@ struct Stores {
     envoy_filters: Store<DynamicObject>,
     gateways: Store<DynamicObject>,
     http_routes: Store<DynamicObject>,
+}
+
+/// What the rebuild loop makes of one watcher event.
+fn outcome<K>(event: &watcher::Event<K>) -> Option<Outcome> {
+    match event {
+        watcher::Event::Apply(_) | watcher::Event::Delete(_) => Some(Outcome::Changed),
+        watcher::Event::InitDone => Some(Outcome::Listed),
+        watcher::Event::Init | watcher::Event::InitApply(_) => None,
+    }
+}
+
+/// The pod watch, feeding the compact pod store instead of a reflector.
+fn watch_pods(api: Api<trim::KeptPod>, store: pods::PodStore) -> BoxStream<'static, (Kind, Outcome)> {
+    watcher(api, watcher::Config::default().page_size(LIST_PAGE_SIZE))
+        .default_backoff()
+        .filter_map(move |event| {
+            let outcome = match event {
+                Ok(event) => {
+                    let outcome = outcome(&event);
+                    store.apply(event);
+                    outcome
+                }
+                Err(e) => Some(Outcome::Failed(e)),
+            };
+            std::future::ready(outcome.map(|o| (Kind::Pods, o)))
+        })
+        .boxed()
 }
 
 fn reflect<K>(
@@ -219,9 +247,7 @@ where
         .reflect(writer)
         .filter_map(move |event| {
             let outcome = match event {
-                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Some(Outcome::Changed),
-                Ok(watcher::Event::InitDone) => Some(Outcome::Listed),
-                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => None,
+                Ok(event) => outcome(&event),
                 Err(e) => Some(Outcome::Failed(e)),
             };
             std::future::ready(outcome.map(|o| (kind, o)))
@@ -230,7 +256,7 @@ where
 }
 
 fn start(client: kube::Client) -> (Stores, SelectAll<BoxStream<'static, (Kind, Outcome)>>) {
-    let (pods, pods_w) = reflector::store();
+    let pods = pods::PodStore::default();
     let (namespaces, namespaces_w) = reflector::store();
     let (services, services_w) = reflector::store();
     let (slices, slices_w) = reflector::store();
@@ -252,7 +278,7 @@ fn start(client: kube::Client) -> (Stores, SelectAll<BoxStream<'static, (Kind, O
     let gateways = dynamic(Kind::Gateways, ApiResource::erase::<Gateway>(&()), trim::routing);
     let http_routes = dynamic(Kind::HttpRoutes, ApiResource::erase::<HTTPRoute>(&()), trim::routing);
     let stores = Stores {
-        pods,
+        pods: pods.clone(),
         namespaces,
         services,
         slices,
@@ -265,7 +291,7 @@ fn start(client: kube::Client) -> (Stores, SelectAll<BoxStream<'static, (Kind, O
         http_routes,
     };
     streams.extend([
-        reflect(Kind::Pods, Api::all(client.clone()), pods_w, trim::pod),
+        watch_pods(Api::all(client.clone()), pods.clone()),
         reflect(Kind::Namespaces, Api::all(client.clone()), namespaces_w, trim::namespace),
         reflect(Kind::Services, Api::all(client.clone()), services_w, trim::service),
         reflect(Kind::EndpointSlices, Api::all(client), slices_w, trim::endpoint_slice),
@@ -334,7 +360,12 @@ fn replace(store: &StateStore, state: State, builder: &build::Builder) {
     let local = state.local_captured(&builder.opts().node_name).len();
     let policies = state.policies.authorization_policy_count();
     store.replace(state);
-    tracing::debug!(workloads, services, local_captured = local, policies, "cluster state rebuilt");
+    // The previous snapshot (and the build's scratch) just went: in a large cluster that is tens
+    // of megabytes the allocator would otherwise keep for good.
+    let trim_started = std::time::Instant::now();
+    crate::reclaim::trim_heap();
+    let trim_us = trim_started.elapsed().as_micros();
+    tracing::debug!(workloads, services, local_captured = local, policies, trim_us, "cluster state rebuilt");
 }
 
 /// Per-kind health, so a failing watch is logged once when it starts failing and once when it

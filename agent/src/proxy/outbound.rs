@@ -315,8 +315,6 @@ fn access_log(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
     use crate::state::{ServicePort, USE_WAYPOINT_LABEL};
 
@@ -325,7 +323,7 @@ mod tests {
             name: name.into(),
             namespace: "demo".into(),
             service_account: name.into(),
-            labels: BTreeMap::new(),
+            labels: Default::default(),
             ips: vec![ip.parse().unwrap()],
             node: None,
             uid: None,

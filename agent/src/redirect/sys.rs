@@ -109,13 +109,3 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), nix::Error> {
     }
     Ok(())
 }
-
-/// Gives the heap's free pages back to the kernel. Loading parses the kernel's BTF (megabytes
-/// of short-lived allocations); without this, glibc keeps that memory and the agent's idle RSS
-/// carries it for its whole life.
-pub fn trim_heap() {
-    // SAFETY: malloc_trim only walks glibc's own allocator state and has no preconditions.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}

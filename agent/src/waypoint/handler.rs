@@ -284,7 +284,7 @@ impl Chain {
             path_and_query: &path_and_query,
             headers: &parts.headers,
             source_namespace: source_namespace.as_deref(),
-            source_labels: source.as_ref().map(|w| &w.labels),
+            source_labels: source.as_ref().map(|w| &*w.labels),
         });
 
         let decision = compiled.authz.authorize(&L7Request {

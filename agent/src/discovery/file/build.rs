@@ -295,7 +295,7 @@ pub(in crate::discovery) fn workload(
         name: name.to_owned(),
         namespace: namespace.to_owned(),
         service_account,
-        labels,
+        labels: Arc::new(labels),
         ips: ips.iter().map(|(_, ip)| *ip).collect(),
         node: spec.and_then(|s| s.node_name.clone()),
         uid: meta.uid.clone().filter(|u| !u.is_empty()),

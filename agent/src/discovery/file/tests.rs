@@ -149,7 +149,7 @@ fn workload(
         name: name.into(),
         namespace: ns.into(),
         service_account: sa.into(),
-        labels: labels(l),
+        labels: Arc::new(labels(l)),
         ips: ips.iter().map(|s| ip(s)).collect(),
         node: node.map(Into::into),
         uid: None,

@@ -12,7 +12,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::DynamicObject;
 use serde::de::DeserializeOwned;
 
-use super::trim::KeptPod;
+use super::pods::PodRecord;
 use super::{KubeOptions, Stores};
 use crate::crd::{AuthorizationPolicy, PeerAuthentication};
 use crate::discovery::file::build::{
@@ -27,7 +27,7 @@ pub(super) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// The objects one snapshot is built from (what the stores held at one moment).
 #[derive(Default)]
 pub(super) struct Inputs {
-    pub pods: Vec<Arc<KeptPod>>,
+    pub pods: Vec<Arc<PodRecord>>,
     /// Namespace name → labels.
     pub namespaces: HashMap<String, BTreeMap<String, String>>,
     pub services: Vec<Arc<KubeService>>,
@@ -137,14 +137,14 @@ impl Problems {
     }
 }
 
-/// A pod's workload as last built, keyed by the address of the stored pod object (the reflector
+/// A pod's workload as last built, keyed by the address of the stored pod record (the store
 /// replaces the `Arc` whenever the pod changes, and the entry holds it so the address stays
 /// taken).
 #[derive(Default)]
 pub(super) struct WorkloadCache(HashMap<usize, CachedWorkload>);
 
 struct CachedWorkload {
-    pod: Arc<KeptPod>,
+    pod: Arc<PodRecord>,
     /// Hash of the labels of the pod's namespace when it was built (ambient or not).
     namespace_labels: u64,
     built: Result<(Arc<Workload>, FieldIps), Bad>,
@@ -181,14 +181,14 @@ fn build(
     let namespace_labels: HashMap<&str, u64> =
         inputs.namespaces.iter().map(|(n, l)| (n.as_str(), labels_hash(Some(l)))).collect();
 
-    let mut pods: Vec<&Arc<KeptPod>> = inputs.pods.iter().collect();
-    pods.sort_by(|a, b| (ns_of(&a.metadata), name_of(&a.metadata)).cmp(&(ns_of(&b.metadata), name_of(&b.metadata))));
+    let mut pods: Vec<&Arc<PodRecord>> = inputs.pods.iter().collect();
+    pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
 
     let mut previous = std::mem::take(&mut cache.0);
     let mut workloads_by_ip: HashMap<IpAddr, Arc<Workload>> = HashMap::with_capacity(pods.len());
     let mut selectable: Vec<(Pod, Arc<Workload>)> = Vec::new();
     for kept in pods {
-        let namespace = ns_of(&kept.metadata);
+        let namespace = &*kept.namespace;
         let ns_hash = namespace_labels.get(namespace).copied().unwrap_or_else(|| labels_hash(None));
         let key = Arc::as_ptr(kept) as usize;
         let reused = previous.remove(&key).filter(|c| Arc::ptr_eq(&c.pod, kept) && c.namespace_labels == ns_hash);
@@ -198,7 +198,10 @@ fn build(
             Some(c) if serves_traffic(kept) => c.built,
             _ => {
                 let Some(pod) = with_known_ips(kept, &opts.node_name, known) else { continue };
-                workload(&pod, &inputs.namespaces, None, &opts.trust_domain).map(|(w, ips)| (Arc::new(w), ips))
+                workload(&pod, &inputs.namespaces, None, &opts.trust_domain).map(|(w, ips)| {
+                    // The same labels as the record's: share its copy.
+                    (Arc::new(Workload { labels: kept.labels.clone(), ..w }), ips)
+                })
             }
         };
         if serves_traffic(kept) {
@@ -207,7 +210,7 @@ fn build(
         let (w, ips) = match built {
             Ok(r) => r,
             Err(bad) => {
-                problems.add(&describe("Pod", &kept.metadata, true), &bad.field, &bad.reason);
+                problems.add(&kept.describe(), &bad.field, &bad.reason);
                 continue;
             }
         };
@@ -216,7 +219,7 @@ fn build(
         for (field, ip) in ips {
             if let Some(other) = workloads_by_ip.get(&ip) {
                 problems.add(
-                    &describe("Pod", &kept.metadata, true),
+                    &kept.describe(),
                     &field,
                     &format!("{ip} is already the IP of Pod {}/{}", other.namespace, other.name),
                 );
@@ -291,20 +294,18 @@ fn build(
 /// `known` has for it when it is on `node`, would serve traffic and the API has no IP for it yet
 /// (between the CNI ADD and kubelet's status update); `None` otherwise. The API's IPs win as soon
 /// as it has some.
-fn with_known_ips(kept: &KeptPod, node: &str, known: Option<&dyn LocalPodAddresses>) -> Option<Pod> {
+fn with_known_ips(kept: &PodRecord, node: &str, known: Option<&dyn LocalPodAddresses>) -> Option<Pod> {
     if serves_traffic(kept) {
         return Some(kept.to_pod());
     }
     let known = known?;
-    let (spec, meta) = (kept.spec.as_ref()?, &kept.metadata);
-    let phase = kept.status.as_ref().and_then(|s| s.phase.as_deref());
-    if spec.node_name.as_deref() != Some(node)
-        || spec.host_network == Some(true)
-        || matches!(phase, Some("Succeeded" | "Failed"))
+    if kept.node_name.as_deref() != Some(node)
+        || kept.host_network == Some(true)
+        || matches!(kept.phase.as_deref(), Some("Succeeded" | "Failed"))
     {
         return None;
     }
-    let ips = known.pod_ips(ns_of(meta), name_of(meta), meta.uid.as_deref().unwrap_or_default())?;
+    let ips = known.pod_ips(&kept.namespace, &kept.name, kept.uid.as_deref().unwrap_or_default())?;
     let first = ips.first()?;
     let mut pod = kept.to_pod();
     let status = pod.status.get_or_insert_with(Default::default);
@@ -316,13 +317,11 @@ fn with_known_ips(kept: &KeptPod, node: &str, known: Option<&dyn LocalPodAddress
 /// Pods that have or may have an IP of their own: not finished, not on the host network (those
 /// share the node's address, so an IP cannot tell them apart; Istio never captures them), and
 /// scheduled with an address (a pending pod has none yet: not an error, just not there).
-fn serves_traffic(p: &KeptPod) -> bool {
-    let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
-    let host_network = p.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false);
-    let has_ip = p.status.as_ref().is_some_and(|s| {
-        s.pod_ip.as_deref().is_some_and(|ip| !ip.is_empty()) || s.pod_ips.as_ref().is_some_and(|v| !v.is_empty())
-    });
-    !matches!(phase, Some("Succeeded" | "Failed")) && !host_network && has_ip
+fn serves_traffic(p: &PodRecord) -> bool {
+    let host_network = p.host_network.unwrap_or(false);
+    let has_ip =
+        p.pod_ip.as_deref().is_some_and(|ip| !ip.is_empty()) || p.pod_ips.as_ref().is_some_and(|v| !v.is_empty());
+    !matches!(p.phase.as_deref(), Some("Succeeded" | "Failed")) && !host_network && has_ip
 }
 
 /// A service's endpoints as its EndpointSlices list them: ready endpoints (an unset condition

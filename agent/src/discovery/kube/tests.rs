@@ -23,6 +23,7 @@ fn opts() -> KubeOptions {
 /// The objects of a multi-document YAML as the reflectors would hold them (trimmed).
 fn inputs(yaml: &str) -> Inputs {
     let mut i = Inputs::default();
+    let mut interner = pods::Interner::default();
     for de in serde_yaml_ng::Deserializer::from_str(yaml) {
         let v = serde_json::Value::deserialize(de).unwrap();
         if v.is_null() {
@@ -35,9 +36,8 @@ fn inputs(yaml: &str) -> Inputs {
                 i.namespaces.insert(n.metadata.name.clone().unwrap(), n.metadata.labels.clone().unwrap_or_default());
             }
             "Pod" => {
-                let mut p: trim::KeptPod = serde_json::from_value(v).unwrap();
-                trim::pod(&mut p);
-                i.pods.push(Arc::new(p));
+                let p: trim::KeptPod = serde_json::from_value(v).unwrap();
+                i.pods.push(Arc::new(interner.record(p)));
             }
             "Service" => {
                 let mut s: Service = serde_json::from_value(v).unwrap();
@@ -516,9 +516,9 @@ fn a_rebuild_reuses_unchanged_workloads_and_redoes_those_whose_namespace_changed
     assert!(Arc::ptr_eq(&second.workloads_by_ip[&client], &third.workloads_by_ip[&client]));
 
     // A changed pod object (a new Arc from the reflector) is rebuilt.
-    let i = inputs.pods.iter().position(|p| p.metadata.name.as_deref() == Some("client")).unwrap();
+    let i = inputs.pods.iter().position(|p| &*p.name == "client").unwrap();
     let mut changed = (*inputs.pods[i]).clone();
-    changed.metadata.labels.get_or_insert_with(Default::default).insert("version".into(), "v2".into());
+    Arc::make_mut(&mut changed.labels).insert("version".into(), "v2".into());
     inputs.pods[i] = Arc::new(changed);
     let fourth = builder.build_from(&inputs);
     assert_eq!(fourth.workloads_by_ip[&client].labels.get("version").map(String::as_str), Some("v2"));

@@ -1,22 +1,23 @@
-//! What the reflectors keep of each object: only the fields the snapshot is built from, so a
-//! cluster of 10,000 pods costs a few megabytes. Applied to every watch event before the store
-//! sees it (the watcher has already taken the resourceVersion it resumes from).
+//! What the reflectors keep of each object: only the fields the snapshot is built from. Applied to
+//! every watch event before the store sees it (the watcher has already taken the resourceVersion
+//! it resumes from).
 //!
 //! Pods are not even read whole: [`KeptPod`] deserialises only the fields the agent uses (serde
 //! skips the rest of the API's JSON without allocating it), because k8s-openapi's `Pod` is about
-//! 4 KB before any of its fields is set — 40 MB of empty fields for 10,000 pods.
+//! 4 KB before any of its fields is set — 40 MB of empty fields for 10,000 pods; the pod store
+//! (`pods`) then keeps a compact record of it.
 
 use std::borrow::Cow;
 
-use k8s_openapi::api::core::v1::{Container, ContainerPort, Namespace, Pod, PodIP, PodSpec, PodStatus, Service};
+use k8s_openapi::api::core::v1::{ContainerPort, Namespace, PodIP, Service};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{DynamicObject, PartialObjectMeta};
 use serde::Deserialize;
 
-/// A Pod as the reflector keeps it: metadata (trimmed to name, namespace, labels and uid) and
-/// the spec and status fields a workload is built from. Watched as `v1` `pods`; turned into a
-/// k8s-openapi [`Pod`] with [`KeptPod::to_pod`] only while a snapshot is built from it.
+/// A Pod as read from the API: metadata and the spec and status fields a workload is built
+/// from. Watched as `v1` `pods`; short-lived: the pod store keeps a compact
+/// [`super::pods::PodRecord`] of it.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub(in crate::discovery) struct KeptPod {
     #[serde(default)]
@@ -39,8 +40,6 @@ pub(in crate::discovery) struct KeptPodSpec {
 /// Only named ports matter: a Service's named targetPort resolves against them.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub(in crate::discovery) struct KeptContainer {
-    #[serde(default)]
-    pub name: String,
     pub ports: Option<Vec<ContainerPort>>,
 }
 
@@ -78,33 +77,6 @@ impl kube::Resource for KeptPod {
     }
 }
 
-impl KeptPod {
-    /// The k8s-openapi Pod with the kept fields, for the rules shared with the file source.
-    pub fn to_pod(&self) -> Pod {
-        Pod {
-            metadata: self.metadata.clone(),
-            spec: self.spec.as_ref().map(|s| PodSpec {
-                node_name: s.node_name.clone(),
-                service_account_name: s.service_account_name.clone(),
-                service_account: s.service_account.clone(),
-                host_network: s.host_network,
-                containers: s
-                    .containers
-                    .iter()
-                    .map(|c| Container { name: c.name.clone(), ports: c.ports.clone(), ..Container::default() })
-                    .collect(),
-                ..PodSpec::default()
-            }),
-            status: self.status.as_ref().map(|s| PodStatus {
-                phase: s.phase.clone(),
-                pod_ip: s.pod_ip.clone(),
-                pod_ips: s.pod_ips.clone(),
-                ..PodStatus::default()
-            }),
-        }
-    }
-}
-
 /// Name, namespace and labels; the rest of metadata (annotations, managed fields, owner
 /// references) is dropped. Dropping annotations also drops the file source's `weft.io/netns`:
 /// in a cluster the CNI plugin says where a pod's network namespace is.
@@ -116,28 +88,6 @@ fn meta(m: &mut ObjectMeta) {
         resource_version: None,
         ..ObjectMeta::default()
     };
-}
-
-pub(super) fn pod(p: &mut KeptPod) {
-    // The uid names the pod's cgroup (how a running pod's netns is found without a CNI ADD) and
-    // tells a recreated pod from its namesake's CNI record.
-    let uid = p.metadata.uid.take();
-    meta(&mut p.metadata);
-    p.metadata.uid = uid;
-    for c in p.spec.iter_mut().flat_map(|s| s.containers.iter_mut()) {
-        c.ports = c.ports.take().map(|ports| {
-            ports
-                .into_iter()
-                .filter(|p| p.name.is_some())
-                .map(|p| ContainerPort {
-                    name: p.name,
-                    container_port: p.container_port,
-                    protocol: p.protocol,
-                    ..ContainerPort::default()
-                })
-                .collect()
-        });
-    }
 }
 
 pub(super) fn namespace(n: &mut PartialObjectMeta<Namespace>) {

@@ -21,7 +21,7 @@ fn workload(name: &str, ips: &[&str], labels: &[(&str, &str)]) -> Arc<Workload> 
         name: name.into(),
         namespace: "demo".into(),
         service_account: "default".into(),
-        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        labels: Arc::new(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
         ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
         node: None,
         uid: None,

@@ -13,7 +13,7 @@ fn workload(name: &str, labels: &[(&str, &str)]) -> Arc<Workload> {
         name: name.into(),
         namespace: "demo".into(),
         service_account: "default".into(),
-        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        labels: Arc::new(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
         ips: vec!["10.0.0.1".parse().unwrap()],
         node: None,
         uid: None,

@@ -88,7 +88,7 @@ pub(crate) fn world(yaml: &str) -> State {
                 name: pod,
                 namespace: (*ns).into(),
                 service_account: (*name).into(),
-                labels: pod_labels,
+                labels: Arc::new(pod_labels),
                 ips: vec![IpAddr::V4(Ipv4Addr::new(10, 1, (next_ip >> 8) as u8, next_ip as u8))],
                 node: None,
                 uid: None,

@@ -72,7 +72,7 @@ async fn on_loopback(mut state: State, net: u8) -> (State, HashMap<String, (Stri
             p.target_port = target_port(p.port);
         }
         let base = s.endpoints[0].clone();
-        let mut label_sets = vec![("base".to_string(), base.labels.clone())];
+        let mut label_sets = vec![("base".to_string(), (*base.labels).clone())];
         for dr in &drs {
             let h = &dr.spec.host;
             let ns = dr.metadata.namespace.as_deref().unwrap_or("demo");
@@ -81,7 +81,7 @@ async fn on_loopback(mut state: State, net: u8) -> (State, HashMap<String, (Stri
                 continue;
             }
             for sub in &dr.spec.subsets {
-                let mut l = base.labels.clone();
+                let mut l = (*base.labels).clone();
                 l.extend(sub.labels.clone());
                 label_sets.push((sub.name.clone(), l));
             }
@@ -93,7 +93,7 @@ async fn on_loopback(mut state: State, net: u8) -> (State, HashMap<String, (Stri
             let name = format!("{}-{}-{tag}", s.namespace, s.name);
             let w = Workload {
                 name: name.clone(),
-                labels: labels.clone(),
+                labels: Arc::new(labels.clone()),
                 ips: vec![ip],
                 captured: false,
                 ..(*base).clone()
