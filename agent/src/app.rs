@@ -124,6 +124,10 @@ pub async fn run_node(config: Arc<Config>) -> Result<(), Error> {
         }
         RedirectMode::Iptables => None,
     };
+    // The bulk of startup's code (argument parsing, the eBPF loader and its BTF relocations) has
+    // run: release it now, before the first snapshot of a large cluster reaches its peak, and
+    // once more after readiness (below).
+    tokio::task::spawn_blocking(crate::reclaim::release_startup_pages);
     let orig_dst = redirect.clone().map(|r| Arc::new(EbpfOriginalDst(r)) as Arc<dyn OriginalDst>);
     let proxy = Proxy::new(store.clone(), certs.clone(), metrics.clone(), orig_dst);
 

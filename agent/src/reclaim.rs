@@ -5,7 +5,8 @@
 //! decoders, the eBPF object loader and its BTF relocations, certificate setup. Every page of
 //! code it touched stays mapped — and because the kernel maps file pages in 64 KiB windows around
 //! each fault, a 20 MB binary ends up with ~13 MB of its text resident at idle, most of it code
-//! that will never run again. Once the agent is ready, [`release_startup_pages`] asks the kernel to
+//! that will never run again. Once the eBPF programs are loaded, and again once the agent has been
+//! ready for [`SETTLE_AFTER_READY`], [`release_startup_pages`] asks the kernel to
 //! reclaim those pages (`madvise(MADV_PAGEOUT)`): pages only weft maps leave its RSS and the page
 //! cache, pages another process also maps (a waypoint started from the same file) are left alone,
 //! and whatever weft runs afterwards faults back in on first use. The same mappings are then marked
