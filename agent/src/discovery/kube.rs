@@ -40,7 +40,7 @@
 //! content until the relist completes.
 
 mod build;
-mod pods;
+mod records;
 pub mod report;
 #[cfg(test)]
 mod tests;
@@ -54,14 +54,14 @@ use std::time::Duration;
 
 use futures::stream::{BoxStream, SelectAll};
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, ApiResource, DynamicObject, PartialObjectMeta};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use self::records::{PodRecord, Record, Records, ServiceRecord, SliceRecord};
 use crate::state::{State, StateStore};
 
 /// Quiet time after a change before the snapshot is rebuilt: a burst (a relist, a rollout) is
@@ -189,10 +189,10 @@ enum Outcome {
 /// The reflector stores the snapshot is built from.
 #[derive(Clone)]
 struct Stores {
-    pods: pods::PodStore,
+    pods: Records<PodRecord>,
     namespaces: Store<PartialObjectMeta<Namespace>>,
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
+    services: Records<ServiceRecord>,
+    slices: Records<SliceRecord>,
     authz: Store<DynamicObject>,
     peer: Store<DynamicObject>,
     virtual_services: Store<DynamicObject>,
@@ -211,8 +211,12 @@ fn outcome<K>(event: &watcher::Event<K>) -> Option<Outcome> {
     }
 }
 
-/// The pod watch, feeding the compact pod store instead of a reflector.
-fn watch_pods(api: Api<trim::KeptPod>, store: pods::PodStore) -> BoxStream<'static, (Kind, Outcome)> {
+/// A watch feeding a compact record store instead of a reflector.
+fn watch_records<R>(kind: Kind, api: Api<R::Object>, store: Records<R>) -> BoxStream<'static, (Kind, Outcome)>
+where
+    R: Record,
+    R::Object: Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
     watcher(api, watcher::Config::default().page_size(LIST_PAGE_SIZE))
         .default_backoff()
         .filter_map(move |event| {
@@ -224,7 +228,7 @@ fn watch_pods(api: Api<trim::KeptPod>, store: pods::PodStore) -> BoxStream<'stat
                 }
                 Err(e) => Some(Outcome::Failed(e)),
             };
-            std::future::ready(outcome.map(|o| (Kind::Pods, o)))
+            std::future::ready(outcome.map(|o| (kind, o)))
         })
         .boxed()
 }
@@ -256,10 +260,8 @@ where
 }
 
 fn start(client: kube::Client) -> (Stores, SelectAll<BoxStream<'static, (Kind, Outcome)>>) {
-    let pods = pods::PodStore::default();
+    let (pods, services, slices) = (Records::default(), Records::default(), Records::default());
     let (namespaces, namespaces_w) = reflector::store();
-    let (services, services_w) = reflector::store();
-    let (slices, slices_w) = reflector::store();
     let mut streams = Vec::new();
     let mut dynamic = |kind: Kind, ar: ApiResource, trim: fn(&mut DynamicObject)| {
         let writer = reflector::store::Writer::new(ar.clone());
@@ -280,8 +282,8 @@ fn start(client: kube::Client) -> (Stores, SelectAll<BoxStream<'static, (Kind, O
     let stores = Stores {
         pods: pods.clone(),
         namespaces,
-        services,
-        slices,
+        services: services.clone(),
+        slices: slices.clone(),
         authz,
         peer,
         virtual_services,
@@ -291,10 +293,10 @@ fn start(client: kube::Client) -> (Stores, SelectAll<BoxStream<'static, (Kind, O
         http_routes,
     };
     streams.extend([
-        watch_pods(Api::all(client.clone()), pods.clone()),
+        watch_records(Kind::Pods, Api::all(client.clone()), pods),
         reflect(Kind::Namespaces, Api::all(client.clone()), namespaces_w, trim::namespace),
-        reflect(Kind::Services, Api::all(client.clone()), services_w, trim::service),
-        reflect(Kind::EndpointSlices, Api::all(client), slices_w, trim::endpoint_slice),
+        watch_records(Kind::Services, Api::all(client.clone()), services),
+        watch_records(Kind::EndpointSlices, Api::all(client), slices),
     ]);
     (stores, futures::stream::select_all(streams))
 }

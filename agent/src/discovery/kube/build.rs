@@ -7,12 +7,11 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Pod, PodIP, Service as KubeService};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::core::v1::{Pod, PodIP};
 use kube::api::DynamicObject;
 use serde::de::DeserializeOwned;
 
-use super::pods::PodRecord;
+use super::records::{PodRecord, ServiceRecord, SliceRecord};
 use super::{KubeOptions, Stores};
 use crate::crd::{AuthorizationPolicy, PeerAuthentication};
 use crate::discovery::file::build::{
@@ -30,8 +29,8 @@ pub(super) struct Inputs {
     pub pods: Vec<Arc<PodRecord>>,
     /// Namespace name → labels.
     pub namespaces: HashMap<String, BTreeMap<String, String>>,
-    pub services: Vec<Arc<KubeService>>,
-    pub slices: Vec<Arc<EndpointSlice>>,
+    pub services: Vec<Arc<ServiceRecord>>,
+    pub slices: Vec<Arc<SliceRecord>>,
     pub authz: Vec<Arc<DynamicObject>>,
     pub peer: Vec<Arc<DynamicObject>>,
     pub virtual_services: Vec<Arc<DynamicObject>>,
@@ -164,10 +163,10 @@ fn build(
     cache: &mut WorkloadCache,
 ) -> State {
     let known = inputs.local_addresses.as_deref();
-    let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+    let mut slices: HashMap<(&str, &str), Vec<&SliceRecord>> = HashMap::new();
     for s in &inputs.slices {
-        if let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) {
-            slices.entry((ns_of(&s.metadata), svc.as_str())).or_default().push(s);
+        if let Some(svc) = &s.service {
+            slices.entry((&s.namespace, svc)).or_default().push(s);
         }
     }
     // Only a service without EndpointSlices resolves its endpoints (and named ports) from the
@@ -175,8 +174,8 @@ fn build(
     let selector_namespaces: HashSet<&str> = inputs
         .services
         .iter()
-        .filter(|s| !slices.contains_key(&(ns_of(&s.metadata), name_of(&s.metadata))))
-        .map(|s| ns_of(&s.metadata))
+        .filter(|s| !slices.contains_key(&(&*s.namespace, &*s.name)))
+        .map(|s| &*s.namespace)
         .collect();
     let namespace_labels: HashMap<&str, u64> =
         inputs.namespaces.iter().map(|(n, l)| (n.as_str(), labels_hash(Some(l)))).collect();
@@ -236,17 +235,17 @@ fn build(
         by_namespace.entry(ns_of(&pod.metadata)).or_default().push((pod, w.clone()));
     }
 
-    let mut services: Vec<&KubeService> = inputs.services.iter().map(Arc::as_ref).collect();
-    services
-        .sort_by(|a, b| (ns_of(&a.metadata), name_of(&a.metadata)).cmp(&(ns_of(&b.metadata), name_of(&b.metadata))));
+    let mut services: Vec<&ServiceRecord> = inputs.services.iter().map(Arc::as_ref).collect();
+    services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     let mut services_by_vip = HashMap::new();
-    for svc in services {
+    for record in services {
+        let svc = record.to_service();
         let object = describe("Service", &svc.metadata, true);
-        let endpoints = match slices.get(&(ns_of(&svc.metadata), name_of(&svc.metadata))) {
+        let endpoints = match slices.get(&(&*record.namespace, &*record.name)) {
             Some(list) => from_slices(list, &workloads_by_ip),
             None => Endpoints::Selector(&by_namespace),
         };
-        let (s, vips) = match service(svc, endpoints) {
+        let (s, vips) = match service(&svc, endpoints) {
             Ok(Some(r)) => r,
             Ok(None) => continue,
             Err(bad) => {
@@ -327,25 +326,25 @@ fn serves_traffic(p: &PodRecord) -> bool {
 /// A service's endpoints as its EndpointSlices list them: ready endpoints (an unset condition
 /// means ready, as the API defines) whose address is a known pod, in name order; target ports by
 /// service port name.
-fn from_slices<'a>(slices: &[&EndpointSlice], workloads: &HashMap<IpAddr, Arc<Workload>>) -> Endpoints<'a> {
+fn from_slices<'a>(slices: &[&SliceRecord], workloads: &HashMap<IpAddr, Arc<Workload>>) -> Endpoints<'a> {
     let mut selected: BTreeMap<(String, String), Arc<Workload>> = BTreeMap::new();
     let mut target_ports: HashMap<String, u16> = HashMap::new();
     for slice in slices {
-        if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+        if !matches!(&*slice.address_type, "IPv4" | "IPv6") {
             continue;
         }
-        for p in slice.ports.iter().flatten() {
+        for p in &slice.ports {
             let tcp = p.protocol.as_deref().unwrap_or("TCP") == "TCP";
             if let (true, Some(port)) = (tcp, p.port.and_then(|n| u16::try_from(n).ok()).filter(|n| *n != 0)) {
                 target_ports.entry(p.name.clone().unwrap_or_default()).or_insert(port);
             }
         }
-        for e in slice.endpoints.iter().flatten() {
-            if e.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+        for e in &slice.endpoints {
+            if e.ready == Some(false) {
                 continue;
             }
             for a in &e.addresses {
-                let Some(w) = a.parse::<IpAddr>().ok().and_then(|ip| workloads.get(&ip)) else {
+                let Some(w) = workloads.get(a) else {
                     tracing::trace!(address = %a, "endpoint address is not a known pod; skipped");
                     continue;
                 };

@@ -8,6 +8,7 @@ use kube::api::{DynamicObject, PartialObjectMeta};
 use serde::Deserialize;
 
 use super::build::{Builder, Inputs};
+use super::records::Record;
 use super::*;
 use crate::discovery::file::{self, FileOptions};
 use crate::policy::{Connection, Decision};
@@ -23,7 +24,7 @@ fn opts() -> KubeOptions {
 /// The objects of a multi-document YAML as the reflectors would hold them (trimmed).
 fn inputs(yaml: &str) -> Inputs {
     let mut i = Inputs::default();
-    let mut interner = pods::Interner::default();
+    let mut interner = records::Interner::default();
     for de in serde_yaml_ng::Deserializer::from_str(yaml) {
         let v = serde_json::Value::deserialize(de).unwrap();
         if v.is_null() {
@@ -40,14 +41,12 @@ fn inputs(yaml: &str) -> Inputs {
                 i.pods.push(Arc::new(interner.record(p)));
             }
             "Service" => {
-                let mut s: Service = serde_json::from_value(v).unwrap();
-                trim::service(&mut s);
-                i.services.push(Arc::new(s));
+                let s: Service = serde_json::from_value(v).unwrap();
+                i.services.push(Arc::new(records::ServiceRecord::from_object(s, &mut interner)));
             }
             "EndpointSlice" => {
-                let mut s: EndpointSlice = serde_json::from_value(v).unwrap();
-                trim::endpoint_slice(&mut s);
-                i.slices.push(Arc::new(s));
+                let s: EndpointSlice = serde_json::from_value(v).unwrap();
+                i.slices.push(Arc::new(records::SliceRecord::from_object(s, &mut interner)));
             }
             "AuthorizationPolicy" | "PeerAuthentication" => {
                 let peer = v["kind"] == "PeerAuthentication";

@@ -9,15 +9,14 @@
 
 use std::borrow::Cow;
 
-use k8s_openapi::api::core::v1::{ContainerPort, Namespace, PodIP, Service};
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointSlice};
+use k8s_openapi::api::core::v1::{ContainerPort, Namespace, PodIP};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{DynamicObject, PartialObjectMeta};
 use serde::Deserialize;
 
 /// A Pod as read from the API: metadata and the spec and status fields a workload is built
 /// from. Watched as `v1` `pods`; short-lived: the pod store keeps a compact
-/// [`super::pods::PodRecord`] of it.
+/// [`super::records::PodRecord`] of it.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub(in crate::discovery) struct KeptPod {
     #[serde(default)]
@@ -92,25 +91,6 @@ fn meta(m: &mut ObjectMeta) {
 
 pub(super) fn namespace(n: &mut PartialObjectMeta<Namespace>) {
     meta(&mut n.metadata);
-}
-
-pub(super) fn service(s: &mut Service) {
-    meta(&mut s.metadata);
-    s.status = None;
-}
-
-pub(super) fn endpoint_slice(s: &mut EndpointSlice) {
-    meta(&mut s.metadata);
-    for e in s.endpoints.iter_mut().flatten() {
-        *e = Endpoint {
-            addresses: std::mem::take(&mut e.addresses),
-            conditions: e
-                .conditions
-                .take()
-                .map(|c| EndpointConditions { ready: c.ready, ..EndpointConditions::default() }),
-            ..Endpoint::default()
-        };
-    }
 }
 
 /// Policies keep their resourceVersion: problems are reported once per version.

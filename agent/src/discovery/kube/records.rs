@@ -1,21 +1,27 @@
-//! The pod store: every pod of the cluster as a compact [`PodRecord`], kept current from a pod
-//! watch. This replaces a kube-rs reflector store for pods, the one kind that scales with the
-//! cluster: a reflector keeps each object as its Rust type with a full `ObjectMeta` and owned
-//! strings (about 2 KB a pod even trimmed to the fields weft reads), while a record is a few
-//! hundred bytes. Strings most pods share (namespace, node, service account, phase) and whole
-//! label sets and named-port lists (the same for every pod of a ReplicaSet) are stored once.
+//! Compact stores for the kinds that grow with the cluster: pods, services and EndpointSlices, each
+//! kept as a small record instead of in a kube-rs reflector store. A reflector keeps every object
+//! as its k8s-openapi type with a full `ObjectMeta` (a pod trimmed to the fields weft reads still
+//! costs about 2 KB, a service about 3 KB); a record is a few hundred bytes. Strings most objects
+//! share (namespace, node, service account, phase, service type) and whole label sets, selectors
+//! and named-port lists (the same for every pod of a ReplicaSet) are stored once.
 //!
-//! The store follows the watcher's protocol as kube-rs's reflector does: a (re)list's objects are
+//! A store follows the watcher's protocol as kube-rs's reflector does: a (re)list's objects are
 //! collected aside and replace the content only when the list is complete, so a relist after a
 //! `410 Gone` never shows a half-filled store.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::hash::Hash;
+use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 
-use k8s_openapi::api::core::v1::{Container, ContainerPort, Pod, PodIP, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, Pod, PodIP, PodSpec, PodStatus, Service, ServicePort, ServiceSpec,
+};
+use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Resource;
 use kube::runtime::watcher;
+
+use super::build::SERVICE_NAME_LABEL;
 
 use super::trim::KeptPod;
 
@@ -105,7 +111,7 @@ pub(in crate::discovery) struct Interner {
 }
 
 impl Interner {
-    fn str(&mut self, s: String) -> Arc<str> {
+    pub fn str(&mut self, s: String) -> Arc<str> {
         if let Some(shared) = self.strings.get(s.as_str()) {
             return shared.clone();
         }
@@ -115,7 +121,7 @@ impl Interner {
         shared
     }
 
-    fn labels(&mut self, labels: BTreeMap<String, String>) -> Arc<BTreeMap<String, String>> {
+    pub fn labels(&mut self, labels: BTreeMap<String, String>) -> Arc<BTreeMap<String, String>> {
         if let Some(shared) = self.labels.get(&labels) {
             return shared.clone();
         }
@@ -181,49 +187,70 @@ impl Interner {
     }
 }
 
+/// An object kind kept as compact records.
+pub(super) trait Record: Sized + Send + Sync + 'static {
+    /// What the watch reads from the API (short-lived).
+    type Object: kube::Resource;
+    fn from_object(object: Self::Object, interner: &mut Interner) -> Self;
+    /// `(namespace, name)`.
+    fn key(&self) -> Key;
+}
+
 type Key = (Arc<str>, Arc<str>);
 
-#[derive(Default)]
-struct Inner {
-    pods: HashMap<Key, Arc<PodRecord>>,
-    /// Objects of a (re)list in progress; they replace `pods` once it completes.
-    listing: Option<HashMap<Key, Arc<PodRecord>>>,
+struct Inner<R> {
+    objects: HashMap<Key, Arc<R>>,
+    /// Objects of a (re)list in progress; they replace `objects` once it completes.
+    listing: Option<HashMap<Key, Arc<R>>>,
     interner: Interner,
 }
 
-/// The pods of the cluster, shared between the watch that fills it and the snapshot builder.
-#[derive(Clone, Default)]
-pub(super) struct PodStore(Arc<RwLock<Inner>>);
+/// The records of one kind, shared between the watch that fills the store and the snapshot
+/// builder.
+pub(super) struct Records<R>(Arc<RwLock<Inner<R>>>);
 
-impl PodStore {
-    /// Every pod, as of now.
-    pub fn state(&self) -> Vec<Arc<PodRecord>> {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).pods.values().cloned().collect()
+impl<R> Clone for Records<R> {
+    fn clone(&self) -> Self {
+        Records(self.0.clone())
+    }
+}
+
+impl<R> Default for Records<R> {
+    fn default() -> Self {
+        Records(Arc::new(RwLock::new(Inner { objects: HashMap::new(), listing: None, interner: Interner::default() })))
+    }
+}
+
+impl<R: Record> Records<R> {
+    /// Every record, as of now.
+    pub fn state(&self) -> Vec<Arc<R>> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).objects.values().cloned().collect()
     }
 
     /// Applies one watcher event.
-    pub fn apply(&self, event: watcher::Event<KeptPod>) {
+    pub fn apply(&self, event: watcher::Event<R::Object>) {
         let mut inner = self.0.write().unwrap_or_else(|e| e.into_inner());
         let inner = &mut *inner;
         match event {
-            watcher::Event::Apply(pod) => {
-                let record = Arc::new(inner.interner.record(pod));
-                inner.pods.insert(key(&record), record);
+            watcher::Event::Apply(object) => {
+                let record = R::from_object(object, &mut inner.interner);
+                inner.objects.insert(record.key(), Arc::new(record));
             }
-            watcher::Event::Delete(pod) => {
-                let ns = pod.metadata.namespace.unwrap_or_default();
-                let name = pod.metadata.name.unwrap_or_default();
-                inner.pods.remove(&(Arc::from(ns), Arc::from(name)));
+            watcher::Event::Delete(object) => {
+                let meta = object.meta();
+                let ns = meta.namespace.as_deref().unwrap_or_default();
+                let name = meta.name.as_deref().unwrap_or_default();
+                inner.objects.remove(&(Arc::from(ns), Arc::from(name)));
             }
             watcher::Event::Init => inner.listing = Some(HashMap::new()),
-            watcher::Event::InitApply(pod) => {
-                let record = Arc::new(inner.interner.record(pod));
-                inner.listing.get_or_insert_with(HashMap::new).insert(key(&record), record);
+            watcher::Event::InitApply(object) => {
+                let record = R::from_object(object, &mut inner.interner);
+                inner.listing.get_or_insert_with(HashMap::new).insert(record.key(), Arc::new(record));
             }
             watcher::Event::InitDone => {
                 if let Some(listed) = inner.listing.take() {
-                    inner.pods = listed;
-                    inner.pods.shrink_to_fit();
+                    inner.objects = listed;
+                    inner.objects.shrink_to_fit();
                 }
             }
         }
@@ -231,8 +258,131 @@ impl PodStore {
     }
 }
 
-fn key(record: &PodRecord) -> Key {
-    (record.namespace.clone(), record.name.clone())
+impl Record for PodRecord {
+    type Object = KeptPod;
+
+    fn from_object(pod: KeptPod, interner: &mut Interner) -> Self {
+        interner.record(pod)
+    }
+
+    fn key(&self) -> Key {
+        (self.namespace.clone(), self.name.clone())
+    }
+}
+
+/// A Service as the store keeps it: the fields the snapshot reads (type, cluster IPs, selector,
+/// ports, labels).
+#[derive(Debug, Clone, PartialEq)]
+pub(in crate::discovery) struct ServiceRecord {
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+    pub labels: Option<Arc<BTreeMap<String, String>>>,
+    /// False for an object without `spec` (the API never serves one; the snapshot reports it).
+    pub has_spec: bool,
+    pub type_: Option<Arc<str>>,
+    pub cluster_ip: Option<Box<str>>,
+    pub cluster_ips: Option<Box<[Box<str>]>>,
+    pub selector: Option<Arc<BTreeMap<String, String>>>,
+    pub ports: Option<Box<[ServicePort]>>,
+}
+
+impl ServiceRecord {
+    /// The k8s-openapi Service with the recorded fields, for the rules shared with the file source.
+    pub fn to_service(&self) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                name: Some(self.name.to_string()),
+                namespace: Some(self.namespace.to_string()),
+                labels: self.labels.as_deref().cloned(),
+                ..ObjectMeta::default()
+            },
+            spec: self.has_spec.then(|| ServiceSpec {
+                type_: self.type_.as_deref().map(str::to_owned),
+                cluster_ip: self.cluster_ip.as_deref().map(str::to_owned),
+                cluster_ips: self.cluster_ips.as_ref().map(|v| v.iter().map(|s| s.to_string()).collect()),
+                selector: self.selector.as_deref().cloned(),
+                ports: self.ports.as_ref().map(|p| p.to_vec()),
+                ..ServiceSpec::default()
+            }),
+            status: None,
+        }
+    }
+}
+
+impl Record for ServiceRecord {
+    type Object = Service;
+
+    fn from_object(svc: Service, interner: &mut Interner) -> Self {
+        let meta = svc.metadata;
+        let spec = svc.spec;
+        let has_spec = spec.is_some();
+        let spec = spec.unwrap_or_default();
+        ServiceRecord {
+            namespace: interner.str(meta.namespace.unwrap_or_default()),
+            name: meta.name.unwrap_or_default().into(),
+            labels: meta.labels.map(|l| interner.labels(l)),
+            has_spec,
+            type_: spec.type_.map(|t| interner.str(t)),
+            cluster_ip: spec.cluster_ip.map(String::into_boxed_str),
+            cluster_ips: spec.cluster_ips.map(|v| v.into_iter().map(String::into_boxed_str).collect()),
+            selector: spec.selector.map(|l| interner.labels(l)),
+            ports: spec.ports.map(Vec::into_boxed_slice),
+        }
+    }
+
+    fn key(&self) -> Key {
+        (self.namespace.clone(), self.name.clone())
+    }
+}
+
+/// An EndpointSlice as the store keeps it: its service, address type, ports, and the addresses
+/// of each endpoint with its readiness.
+#[derive(Debug, Clone, PartialEq)]
+pub(in crate::discovery) struct SliceRecord {
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+    /// The `kubernetes.io/service-name` label.
+    pub service: Option<Arc<str>>,
+    pub address_type: Arc<str>,
+    pub ports: Box<[EndpointPort]>,
+    pub endpoints: Box<[SliceEndpoint]>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(in crate::discovery) struct SliceEndpoint {
+    /// `conditions.ready`; unset means ready, as the API defines.
+    pub ready: Option<bool>,
+    /// The addresses that are IPs (anything else cannot be a pod's and is dropped).
+    pub addresses: Box<[IpAddr]>,
+}
+
+impl Record for SliceRecord {
+    type Object = EndpointSlice;
+
+    fn from_object(slice: EndpointSlice, interner: &mut Interner) -> Self {
+        let meta = slice.metadata;
+        let service = meta.labels.and_then(|mut l| l.remove(SERVICE_NAME_LABEL)).map(|s| interner.str(s));
+        SliceRecord {
+            namespace: interner.str(meta.namespace.unwrap_or_default()),
+            name: meta.name.unwrap_or_default().into(),
+            service,
+            address_type: interner.str(slice.address_type),
+            ports: slice.ports.unwrap_or_default().into_boxed_slice(),
+            endpoints: slice
+                .endpoints
+                .into_iter()
+                .flatten()
+                .map(|e| SliceEndpoint {
+                    ready: e.conditions.and_then(|c| c.ready),
+                    addresses: e.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
+                })
+                .collect(),
+        }
+    }
+
+    fn key(&self) -> Key {
+        (self.namespace.clone(), self.name.clone())
+    }
 }
 
 #[cfg(test)]
@@ -303,8 +453,8 @@ mod tests {
 
     #[test]
     fn a_relist_replaces_the_content_only_when_complete() {
-        let store = PodStore::default();
-        let names = |s: &PodStore| {
+        let store = Records::<PodRecord>::default();
+        let names = |s: &Records<PodRecord>| {
             let mut v: Vec<String> = s.state().iter().map(|r| r.name.to_string()).collect();
             v.sort();
             v
@@ -326,5 +476,50 @@ mod tests {
         assert_eq!(names(&store), ["b"]);
         store.apply(watcher::Event::InitDone);
         assert_eq!(names(&store), ["c"]);
+    }
+
+    #[test]
+    fn services_and_slices_keep_what_the_snapshot_reads() {
+        let mut interner = Interner::default();
+        let svc: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "cart", "namespace": "shop", "labels": {"istio.io/use-waypoint": "wp"},
+                         "annotations": {"a": "b"}, "uid": "u1"},
+            "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.9", "clusterIPs": ["10.96.0.9"],
+                     "selector": {"app": "cart"}, "sessionAffinity": "None", "ipFamilies": ["IPv4"],
+                     "ports": [{"name": "http", "port": 80, "targetPort": "http", "appProtocol": "http"}]},
+            "status": {"loadBalancer": {}}
+        }))
+        .unwrap();
+        let back = ServiceRecord::from_object(svc, &mut interner).to_service();
+        assert_eq!(back.metadata.labels.unwrap()["istio.io/use-waypoint"], "wp");
+        assert!(back.metadata.annotations.is_none() && back.status.is_none());
+        let spec = back.spec.unwrap();
+        assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+        assert_eq!(spec.cluster_ips.unwrap(), ["10.96.0.9"]);
+        assert_eq!(spec.selector.unwrap()["app"], "cart");
+        assert!(spec.session_affinity.is_none() && spec.ip_families.is_none());
+        let port = &spec.ports.unwrap()[0];
+        assert_eq!((port.name.as_deref(), port.port, port.app_protocol.as_deref()), (Some("http"), 80, Some("http")));
+
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "cart-x1", "namespace": "shop", "labels": {"kubernetes.io/service-name": "cart"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [
+                {"addresses": ["10.1.0.5"], "conditions": {"ready": true, "serving": true}, "nodeName": "node-a",
+                 "targetRef": {"kind": "Pod", "name": "cart-1", "namespace": "shop"}},
+                {"addresses": ["10.1.0.6", "not-an-ip"], "conditions": {"ready": false}},
+                {"addresses": ["10.1.0.7"]}]
+        }))
+        .unwrap();
+        let r = SliceRecord::from_object(slice, &mut interner);
+        assert_eq!(r.service.as_deref(), Some("cart"));
+        assert_eq!(&*r.address_type, "IPv4");
+        assert_eq!(r.ports[0].port, Some(8080));
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            r.endpoints.iter().map(|e| (e.ready, e.addresses.to_vec())).collect::<Vec<_>>(),
+            [(Some(true), vec![ip("10.1.0.5")]), (Some(false), vec![ip("10.1.0.6")]), (None, vec![ip("10.1.0.7")])]
+        );
     }
 }
