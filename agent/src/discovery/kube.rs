@@ -11,9 +11,9 @@
 //! What is watched, cluster-wide:
 //! - Pods: all of them, because the data plane needs remote pods too (the identity and labels of
 //!   a destination IP). Memory stays low because only the fields the agent uses are read from the
-//!   API's JSON ([`trim::KeptPod`]) and trimmed further before the reflector stores them
-//!   ([`trim::pod`]): name, namespace, labels, uid, service account, node, host network, named
-//!   container ports, phase and IPs. A metadata-only watch cannot be used: IPs, node and service
+//!   API's JSON ([`trim::KeptPod`]) and kept as a compact [`records::PodRecord`] (name,
+//!   namespace, labels, uid, service account, node, host network, named container ports, phase
+//!   and IPs; shared strings and label sets stored once). A metadata-only watch cannot be used: IPs, node and service
 //!   account live in spec and status. Which pods this node serves is decided by `spec.nodeName` in
 //!   [`State::local_captured`]. Pods' network namespaces are unknown here (`Workload::netns` stays
 //!   `None`): the CNI plugin supplies them.
@@ -21,7 +21,8 @@
 //!   them rather than a label-selected subset, so `State::namespaces` is what the file source gives.
 //! - Services and `discovery.k8s.io/v1` EndpointSlices: a service's endpoints come from its
 //!   slices when it has any (ready endpoints whose address is a known pod), and from its selector
-//!   otherwise.
+//!   otherwise. Kept as compact records too ([`records`]): with pods, the kinds that grow with
+//!   the cluster. The other kinds live in kube-rs reflector stores, trimmed ([`trim`]).
 //! - `security.istio.io/v1` AuthorizationPolicy and PeerAuthentication, `networking.istio.io`
 //!   VirtualService and DestinationRule (`v1`) and EnvoyFilter (`v1alpha3`), and
 //!   `gateway.networking.k8s.io/v1` Gateway and HTTPRoute: read untyped and parsed one by one, so a
