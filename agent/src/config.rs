@@ -72,12 +72,14 @@ pub enum LogFormat {
     Json,
 }
 
-/// `weft node` flags.
+/// Where configuration and certificates come from: flags `weft node` and `weft waypoint` share.
 #[derive(Debug, Clone, clap::Args)]
-pub struct NodeArgs {
-    /// Local mode: a multi-document YAML file of Namespaces, ServiceAccounts, Pods, Services and
-    /// Istio policies. Reloaded on SIGHUP and when the file changes. Without it the agent runs in
-    /// cluster mode: configuration from the Kubernetes API, certificates from `weft ca`.
+pub struct SourceArgs {
+    /// Local mode: a multi-document YAML file of Namespaces, ServiceAccounts, Pods, Services,
+    /// Istio policies and routing (Gateway, HTTPRoute, VirtualService, DestinationRule,
+    /// EnvoyFilter); node agents and waypoints read the same file. Reloaded on SIGHUP and when the
+    /// file changes. Without it: cluster mode, configuration from the Kubernetes API and
+    /// certificates from `weft ca`.
     #[arg(long, value_name = "MESH_YAML")]
     pub config: Option<PathBuf>,
     /// Cluster mode: kubeconfig to use instead of the in-cluster ServiceAccount (or $KUBECONFIG).
@@ -97,6 +99,45 @@ pub struct NodeArgs {
     /// Cluster mode: projected ServiceAccount token (audience `istio-ca`) presented to the CA.
     #[arg(long, default_value = DEFAULT_TOKEN_PATH)]
     pub token_path: PathBuf,
+    #[arg(long, env = TRUST_DOMAIN_ENV, default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Local mode: where the local CA keeps its root key and certificate (node agents and
+    /// waypoints of one mesh share the directory).
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+}
+
+/// The process's own endpoints and runtime: flags `weft node` and `weft waypoint` share.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RuntimeArgs {
+    /// Admin endpoint (config dump, certificates); keep it on localhost.
+    #[arg(long, default_value = DEFAULT_ADMIN_ADDR)]
+    pub admin_addr: SocketAddr,
+    /// Prometheus `/metrics`.
+    #[arg(long, default_value = DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: SocketAddr,
+    /// `/healthz/ready`: 200 once the first configuration is applied (a node agent: and every
+    /// captured pod is enrolled).
+    #[arg(long, default_value = DEFAULT_READY_ADDR)]
+    pub ready_addr: SocketAddr,
+    /// Workload certificate lifetime in seconds.
+    #[arg(long, default_value_t = DEFAULT_CERT_TTL.as_secs())]
+    pub cert_ttl_secs: u64,
+    /// Seconds in-flight connections get to finish after SIGTERM.
+    #[arg(long, default_value_t = DEFAULT_DRAIN_TIMEOUT.as_secs())]
+    pub drain_timeout_secs: u64,
+    /// Tokio worker threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub worker_threads: usize,
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// `weft node` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NodeArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
     /// Cluster mode: the unix socket the `weft-cni` plugin talks to.
     #[arg(long, default_value = DEFAULT_CNI_SOCKET)]
     pub cni_socket: PathBuf,
@@ -117,11 +158,6 @@ pub struct NodeArgs {
     /// Cluster mode: the CNI binary directory `weft cni install` copied the plugin to.
     #[arg(long, default_value = DEFAULT_CNI_BIN_DIR)]
     pub cni_bin_dir: PathBuf,
-    #[arg(long, env = TRUST_DOMAIN_ENV, default_value = DEFAULT_TRUST_DOMAIN)]
-    pub trust_domain: String,
-    /// Where the local CA keeps its root key and certificate.
-    #[arg(long, default_value = DEFAULT_STATE_DIR)]
-    pub state_dir: PathBuf,
     /// bpffs directory for pinned programs, maps and links (survive an agent restart).
     #[arg(long, default_value = DEFAULT_PIN_DIR)]
     pub bpf_pin_dir: PathBuf,
@@ -134,26 +170,8 @@ pub struct NodeArgs {
     /// ring-buffer record per connection.
     #[arg(long)]
     pub bpf_connection_events: bool,
-    /// Admin endpoint (config dump, certificates); keep it on localhost.
-    #[arg(long, default_value = DEFAULT_ADMIN_ADDR)]
-    pub admin_addr: SocketAddr,
-    /// Prometheus `/metrics`.
-    #[arg(long, default_value = DEFAULT_METRICS_ADDR)]
-    pub metrics_addr: SocketAddr,
-    /// `/healthz/ready`: 200 once every captured pod is enrolled.
-    #[arg(long, default_value = DEFAULT_READY_ADDR)]
-    pub ready_addr: SocketAddr,
-    /// Workload certificate lifetime in seconds.
-    #[arg(long, default_value_t = DEFAULT_CERT_TTL.as_secs())]
-    pub cert_ttl_secs: u64,
-    /// Seconds in-flight connections get to finish after SIGTERM.
-    #[arg(long, default_value_t = DEFAULT_DRAIN_TIMEOUT.as_secs())]
-    pub drain_timeout_secs: u64,
-    /// Tokio worker threads (0: one per core).
-    #[arg(long, default_value_t = 0)]
-    pub worker_threads: usize,
-    #[arg(long, value_enum, default_value = "text")]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
 }
 
 /// The validated configuration of `weft node`.
@@ -202,24 +220,25 @@ pub enum Error {
 
 impl Config {
     pub fn from_node_args(a: NodeArgs) -> Result<Self, Error> {
-        let (source, ca) = match a.config {
+        let (src, rt) = (a.source, a.runtime);
+        let (source, ca) = match src.config {
             Some(path) if !path.is_file() => return Err(Error::MissingMeshFile(path)),
             Some(path) => (Source::File(path), CaMode::Local),
             None => {
-                if !a.ca_address.starts_with("https://") {
-                    return Err(Error::BadCaAddress(a.ca_address));
+                if !src.ca_address.starts_with("https://") {
+                    return Err(Error::BadCaAddress(src.ca_address));
                 }
-                let ca = CaMode::Remote { address: a.ca_address, root_cert: a.ca_root_cert, token_path: a.token_path };
-                (Source::Kube { kubeconfig: a.kubeconfig }, ca)
+                let ca = CaMode::Remote { address: src.ca_address, root_cert: src.ca_root_cert, token_path: src.token_path };
+                (Source::Kube { kubeconfig: src.kubeconfig }, ca)
             }
         };
-        let td_ok = !a.trust_domain.is_empty()
-            && a.trust_domain.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+        let td_ok = !src.trust_domain.is_empty()
+            && src.trust_domain.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
         if !td_ok {
-            return Err(Error::BadTrustDomain(a.trust_domain));
+            return Err(Error::BadTrustDomain(src.trust_domain));
         }
-        if a.cert_ttl_secs < 60 {
-            return Err(Error::CertTtlTooShort(a.cert_ttl_secs));
+        if rt.cert_ttl_secs < 60 {
+            return Err(Error::CertTtlTooShort(rt.cert_ttl_secs));
         }
         if a.node_name.is_empty() {
             return Err(Error::EmptyNodeName);
@@ -227,7 +246,7 @@ impl Config {
         Ok(Config {
             source,
             ca,
-            ca_server_name: a.ca_server_name,
+            ca_server_name: src.ca_server_name,
             cni_socket: a.cni_socket,
             self_pod: match (a.pod_name, a.pod_namespace) {
                 (Some(name), Some(namespace)) => Some(crate::uninstall::SelfPod { namespace, name }),
@@ -236,20 +255,20 @@ impl Config {
             cni_conf_dir: a.cni_conf_dir,
             cni_bin_dir: a.cni_bin_dir,
             node_name: a.node_name,
-            trust_domain: a.trust_domain,
+            trust_domain: src.trust_domain,
             root_namespace: DEFAULT_ROOT_NAMESPACE.to_string(),
-            state_dir: a.state_dir,
+            state_dir: src.state_dir,
             bpf_pin_dir: a.bpf_pin_dir,
             cgroup: a.cgroup,
             redirect: a.redirect,
             bpf_connection_events: a.bpf_connection_events,
-            admin_addr: a.admin_addr,
-            metrics_addr: a.metrics_addr,
-            ready_addr: a.ready_addr,
-            cert_ttl: Duration::from_secs(a.cert_ttl_secs),
-            drain_timeout: Duration::from_secs(a.drain_timeout_secs),
-            worker_threads: a.worker_threads,
-            log_format: a.log_format,
+            admin_addr: rt.admin_addr,
+            metrics_addr: rt.metrics_addr,
+            ready_addr: rt.ready_addr,
+            cert_ttl: Duration::from_secs(rt.cert_ttl_secs),
+            drain_timeout: Duration::from_secs(rt.drain_timeout_secs),
+            worker_threads: rt.worker_threads,
+            log_format: rt.log_format,
         })
     }
 }
@@ -260,13 +279,8 @@ pub const DEFAULT_WAYPOINT_HBONE_ADDR: &str = "[::]:15008";
 /// `weft waypoint` flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct WaypointArgs {
-    /// Local mode: the mesh YAML file (the same one the node agents read, including Gateway, HTTPRoute,
-    /// VirtualService, DestinationRule and EnvoyFilter documents). Without it: cluster mode.
-    #[arg(long, value_name = "MESH_YAML")]
-    pub config: Option<PathBuf>,
-    /// Cluster mode: kubeconfig instead of the in-cluster ServiceAccount (or $KUBECONFIG).
-    #[arg(long, conflicts_with = "config")]
-    pub kubeconfig: Option<PathBuf>,
+    #[command(flatten)]
+    pub source: SourceArgs,
     /// Namespace of the waypoint's Gateway (and its Service).
     #[arg(long, env = "POD_NAMESPACE")]
     pub namespace: String,
@@ -276,19 +290,6 @@ pub struct WaypointArgs {
     /// ServiceAccount whose SPIFFE identity the waypoint presents (default: --name, as istioctl deploys it).
     #[arg(long)]
     pub service_account: Option<String>,
-    #[arg(long, default_value = DEFAULT_CA_ADDRESS)]
-    pub ca_address: String,
-    #[arg(long)]
-    pub ca_server_name: Option<String>,
-    #[arg(long, default_value = DEFAULT_CA_ROOT_CERT)]
-    pub ca_root_cert: PathBuf,
-    #[arg(long, default_value = DEFAULT_TOKEN_PATH)]
-    pub token_path: PathBuf,
-    #[arg(long, env = TRUST_DOMAIN_ENV, default_value = DEFAULT_TRUST_DOMAIN)]
-    pub trust_domain: String,
-    /// Local mode: where the local CA keeps its root (share it with the node agents: same directory).
-    #[arg(long, default_value = DEFAULT_STATE_DIR)]
-    pub state_dir: PathBuf,
     /// HBONE (mutual TLS) listener.
     #[arg(long, default_value = DEFAULT_WAYPOINT_HBONE_ADDR)]
     pub hbone_addr: SocketAddr,
@@ -296,21 +297,8 @@ pub struct WaypointArgs {
     /// (`name[.namespace[.svc.cluster.local]][:port]`).
     #[arg(long, value_name = "ADDR")]
     pub http_listen: Option<SocketAddr>,
-    #[arg(long, default_value = DEFAULT_ADMIN_ADDR)]
-    pub admin_addr: SocketAddr,
-    #[arg(long, default_value = DEFAULT_METRICS_ADDR)]
-    pub metrics_addr: SocketAddr,
-    #[arg(long, default_value = DEFAULT_READY_ADDR)]
-    pub ready_addr: SocketAddr,
-    #[arg(long, default_value_t = DEFAULT_CERT_TTL.as_secs())]
-    pub cert_ttl_secs: u64,
-    #[arg(long, default_value_t = DEFAULT_DRAIN_TIMEOUT.as_secs())]
-    pub drain_timeout_secs: u64,
-    /// Tokio worker threads (0: one per core).
-    #[arg(long, default_value_t = 0)]
-    pub worker_threads: usize,
-    #[arg(long, value_enum, default_value = "text")]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
 }
 
 /// The validated configuration of `weft waypoint`.
@@ -349,32 +337,19 @@ impl WaypointConfig {
             }
         }
         let node = NodeArgs {
-            config: a.config,
-            kubeconfig: a.kubeconfig,
-            ca_address: a.ca_address,
-            ca_server_name: a.ca_server_name,
-            ca_root_cert: a.ca_root_cert,
-            token_path: a.token_path,
+            source: a.source,
             cni_socket: DEFAULT_CNI_SOCKET.into(),
+            node_name: format!("waypoint-{}", a.name),
             // A waypoint is a Deployment: it has no node installation to remove.
             pod_name: None,
             pod_namespace: None,
             cni_conf_dir: DEFAULT_CNI_CONF_DIR.into(),
             cni_bin_dir: DEFAULT_CNI_BIN_DIR.into(),
-            node_name: format!("waypoint-{}", a.name),
-            trust_domain: a.trust_domain,
-            state_dir: a.state_dir,
             bpf_pin_dir: DEFAULT_PIN_DIR.into(),
             cgroup: DEFAULT_CGROUP.into(),
             redirect: RedirectMode::Ebpf,
             bpf_connection_events: false,
-            admin_addr: a.admin_addr,
-            metrics_addr: a.metrics_addr,
-            ready_addr: a.ready_addr,
-            cert_ttl_secs: a.cert_ttl_secs,
-            drain_timeout_secs: a.drain_timeout_secs,
-            worker_threads: a.worker_threads,
-            log_format: a.log_format,
+            runtime: a.runtime,
         };
         Ok(WaypointConfig {
             base: Config::from_node_args(node)?,
