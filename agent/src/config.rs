@@ -228,7 +228,8 @@ impl Config {
                 if !src.ca_address.starts_with("https://") {
                     return Err(Error::BadCaAddress(src.ca_address));
                 }
-                let ca = CaMode::Remote { address: src.ca_address, root_cert: src.ca_root_cert, token_path: src.token_path };
+                let ca =
+                    CaMode::Remote { address: src.ca_address, root_cert: src.ca_root_cert, token_path: src.token_path };
                 (Source::Kube { kubeconfig: src.kubeconfig }, ca)
             }
         };
