@@ -9,9 +9,10 @@
 //! ready for [`SETTLE_AFTER_READY`], [`release_startup_pages`] asks the kernel to
 //! reclaim those pages (`madvise(MADV_PAGEOUT)`): pages only weft maps leave its RSS and the page
 //! cache, pages another process also maps (a waypoint started from the same file) are left alone,
-//! and whatever weft runs afterwards faults back in on first use. The same mappings are then marked
-//! `MADV_RANDOM`: without it each of those faults reads ahead 128 KiB around the page, and the few
-//! hundred code pages a loaded agent touches pull ~10 MB of neighbours back in within a second.
+//! and whatever weft runs afterwards faults back in on first use. (Under traffic and policy churn
+//! ~12 MB of the binary comes back within a second in `bench discovery`; marking the mappings
+//! `MADV_RANDOM` to stop read-ahead on those faults made no measurable difference, so it is not
+//! done.)
 //!
 //! [`trim_heap`] hands the allocator's free pages back (glibc keeps freed memory in its arenas,
 //! and a rebuilt snapshot of a large cluster frees tens of megabytes at once).
@@ -87,10 +88,6 @@ pub fn release_startup_pages() -> usize {
         let r = unsafe { libc::madvise(range.start as *mut libc::c_void, len, libc::MADV_PAGEOUT) };
         if r == 0 {
             advised += len;
-            // SAFETY: as above; MADV_RANDOM only changes how much the kernel reads on a fault.
-            if unsafe { libc::madvise(range.start as *mut libc::c_void, len, libc::MADV_RANDOM) } != 0 {
-                tracing::debug!(error = %std::io::Error::last_os_error(), "madvise(MADV_RANDOM) refused; faults read ahead");
-            }
         } else {
             // EINVAL on kernels before 5.4 (no MADV_PAGEOUT): nothing to do there.
             tracing::debug!(error = %std::io::Error::last_os_error(), "madvise(MADV_PAGEOUT) refused; keeping startup pages");
