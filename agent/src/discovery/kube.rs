@@ -13,8 +13,8 @@
 //!   a destination IP). Memory stays low because only the fields the agent uses are read from the
 //!   API's JSON ([`trim::KeptPod`]) and kept as a compact [`records::PodRecord`] (name,
 //!   namespace, labels, uid, service account, node, host network, named container ports, phase
-//!   and IPs; shared strings and label sets stored once). A metadata-only watch cannot be used: IPs, node and service
-//!   account live in spec and status. Which pods this node serves is decided by `spec.nodeName` in
+//!   and IPs; shared strings and label sets stored once). A metadata-only watch cannot be used:
+//!   IPs, node and service account live in spec and status. Which pods this node serves is decided by `spec.nodeName` in
 //!   [`State::local_captured`]. Pods' network namespaces are unknown here (`Workload::netns` stays
 //!   `None`): the CNI plugin supplies them.
 //! - Namespaces: metadata only (name and labels, for `istio.io/dataplane-mode=ambient`). All of

@@ -158,33 +158,6 @@ impl Interner {
         self.labels.shrink_to_fit();
         self.ports.shrink_to_fit();
     }
-
-    /// The record of a pod as the API shows it.
-    pub fn record(&mut self, pod: KeptPod) -> PodRecord {
-        let meta = pod.metadata;
-        let spec = pod.spec.unwrap_or_default();
-        let status = pod.status.unwrap_or_default();
-        let named_ports = spec
-            .containers
-            .into_iter()
-            .flat_map(|c| c.ports.into_iter().flatten())
-            .filter_map(|p| Some(NamedPort { name: p.name?, container_port: p.container_port, protocol: p.protocol }))
-            .collect();
-        PodRecord {
-            namespace: self.str(meta.namespace.unwrap_or_default()),
-            name: meta.name.unwrap_or_default().into(),
-            uid: meta.uid.map(String::into_boxed_str),
-            labels: self.labels(meta.labels.unwrap_or_default()),
-            node_name: spec.node_name.map(|s| self.str(s)),
-            service_account_name: spec.service_account_name.map(|s| self.str(s)),
-            service_account: spec.service_account.map(|s| self.str(s)),
-            host_network: spec.host_network,
-            named_ports: self.ports(named_ports),
-            phase: status.phase.map(|s| self.str(s)),
-            pod_ip: status.pod_ip.map(String::into_boxed_str),
-            pod_ips: status.pod_ips.map(|ips| ips.into_iter().map(|p| p.ip.into_boxed_str()).collect()),
-        }
-    }
 }
 
 /// An object kind kept as compact records.
@@ -262,7 +235,29 @@ impl Record for PodRecord {
     type Object = KeptPod;
 
     fn from_object(pod: KeptPod, interner: &mut Interner) -> Self {
-        interner.record(pod)
+        let meta = pod.metadata;
+        let spec = pod.spec.unwrap_or_default();
+        let status = pod.status.unwrap_or_default();
+        let named_ports = spec
+            .containers
+            .into_iter()
+            .flat_map(|c| c.ports.into_iter().flatten())
+            .filter_map(|p| Some(NamedPort { name: p.name?, container_port: p.container_port, protocol: p.protocol }))
+            .collect();
+        PodRecord {
+            namespace: interner.str(meta.namespace.unwrap_or_default()),
+            name: meta.name.unwrap_or_default().into(),
+            uid: meta.uid.map(String::into_boxed_str),
+            labels: interner.labels(meta.labels.unwrap_or_default()),
+            node_name: spec.node_name.map(|s| interner.str(s)),
+            service_account_name: spec.service_account_name.map(|s| interner.str(s)),
+            service_account: spec.service_account.map(|s| interner.str(s)),
+            host_network: spec.host_network,
+            named_ports: interner.ports(named_ports),
+            phase: status.phase.map(|s| interner.str(s)),
+            pod_ip: status.pod_ip.map(String::into_boxed_str),
+            pod_ips: status.pod_ips.map(|ips| ips.into_iter().map(|p| p.ip.into_boxed_str()).collect()),
+        }
     }
 
     fn key(&self) -> Key {
@@ -404,7 +399,7 @@ mod tests {
     #[test]
     fn a_record_keeps_what_a_workload_needs_and_round_trips_to_a_pod() {
         let mut interner = Interner::default();
-        let r = interner.record(pod("cart-1", serde_json::json!({"app": "cart"}), "10.1.0.5"));
+        let r = PodRecord::from_object(pod("cart-1", serde_json::json!({"app": "cart"}), "10.1.0.5"), &mut interner);
         let p = r.to_pod();
         assert_eq!(p.metadata.name.as_deref(), Some("cart-1"));
         assert_eq!(p.metadata.namespace.as_deref(), Some("shop"));
@@ -427,9 +422,9 @@ mod tests {
     #[test]
     fn pods_share_equal_labels_ports_and_strings() {
         let mut interner = Interner::default();
-        let a = interner.record(pod("cart-1", serde_json::json!({"app": "cart"}), "10.1.0.5"));
-        let b = interner.record(pod("cart-2", serde_json::json!({"app": "cart"}), "10.1.0.6"));
-        let c = interner.record(pod("cart-3", serde_json::json!({"app": "other"}), "10.1.0.7"));
+        let a = PodRecord::from_object(pod("cart-1", serde_json::json!({"app": "cart"}), "10.1.0.5"), &mut interner);
+        let b = PodRecord::from_object(pod("cart-2", serde_json::json!({"app": "cart"}), "10.1.0.6"), &mut interner);
+        let c = PodRecord::from_object(pod("cart-3", serde_json::json!({"app": "other"}), "10.1.0.7"), &mut interner);
         assert!(Arc::ptr_eq(&a.labels, &b.labels) && !Arc::ptr_eq(&a.labels, &c.labels));
         assert!(Arc::ptr_eq(&a.named_ports, &c.named_ports));
         assert!(Arc::ptr_eq(&a.namespace, &c.namespace));
@@ -440,11 +435,14 @@ mod tests {
     fn unused_values_are_pruned() {
         let mut interner = Interner::default();
         for i in 0..3000 {
-            drop(interner.record(pod(&format!("p{i}"), serde_json::json!({"n": i.to_string()}), "10.1.0.5")));
+            drop(PodRecord::from_object(
+                pod(&format!("p{i}"), serde_json::json!({"n": i.to_string()}), "10.1.0.5"),
+                &mut interner,
+            ));
             interner.prune_if_due();
         }
         assert!(interner.labels.len() < 2100, "{} label sets kept", interner.labels.len());
-        let kept = interner.record(pod("kept", serde_json::json!({"n": "kept"}), "10.1.0.5"));
+        let kept = PodRecord::from_object(pod("kept", serde_json::json!({"n": "kept"}), "10.1.0.5"), &mut interner);
         interner.added = usize::MAX / 2;
         interner.prune_if_due();
         assert!(interner.labels.contains(&kept.labels), "a label set in use stays");

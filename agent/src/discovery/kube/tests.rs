@@ -38,7 +38,7 @@ fn inputs(yaml: &str) -> Inputs {
             }
             "Pod" => {
                 let p: trim::KeptPod = serde_json::from_value(v).unwrap();
-                i.pods.push(Arc::new(interner.record(p)));
+                i.pods.push(Arc::new(records::PodRecord::from_object(p, &mut interner)));
             }
             "Service" => {
                 let s: Service = serde_json::from_value(v).unwrap();
