@@ -16,7 +16,7 @@
 //!
 //! [`trim_heap`] hands the allocator's free pages back (glibc keeps freed memory in its arenas,
 //! and a rebuilt snapshot of a large cluster frees tens of megabytes at once).
-#![allow(unsafe_code)] // one madvise call, with its SAFETY comment
+#![allow(unsafe_code)] // one madvise and one malloc_trim call, each with its SAFETY comment
 
 use std::ops::Range;
 

@@ -187,7 +187,8 @@ enum Outcome {
     Nudged,
 }
 
-/// The reflector stores the snapshot is built from.
+/// The stores the snapshot is built from: compact records for the kinds that grow with the
+/// cluster, kube-rs reflector stores for the rest.
 #[derive(Clone)]
 struct Stores {
     pods: Records<PodRecord>,

@@ -9,7 +9,9 @@
 //! collected aside and replace the content only when the list is complete, so a relist after a
 //! `410 Gone` never shows a half-filled store.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 
@@ -112,33 +114,15 @@ pub(in crate::discovery) struct Interner {
 
 impl Interner {
     pub fn str(&mut self, s: String) -> Arc<str> {
-        if let Some(shared) = self.strings.get(s.as_str()) {
-            return shared.clone();
-        }
-        let shared: Arc<str> = s.into();
-        self.added += 1;
-        self.strings.insert(shared.clone());
-        shared
+        share(&mut self.strings, &mut self.added, s)
     }
 
     pub fn labels(&mut self, labels: BTreeMap<String, String>) -> Arc<BTreeMap<String, String>> {
-        if let Some(shared) = self.labels.get(&labels) {
-            return shared.clone();
-        }
-        let shared = Arc::new(labels);
-        self.added += 1;
-        self.labels.insert(shared.clone());
-        shared
+        share(&mut self.labels, &mut self.added, labels)
     }
 
     fn ports(&mut self, ports: Vec<NamedPort>) -> Arc<[NamedPort]> {
-        if let Some(shared) = self.ports.get(ports.as_slice()) {
-            return shared.clone();
-        }
-        let shared: Arc<[NamedPort]> = ports.into();
-        self.added += 1;
-        self.ports.insert(shared.clone());
-        shared
+        share(&mut self.ports, &mut self.added, ports)
     }
 
     fn len(&self) -> usize {
@@ -158,6 +142,21 @@ impl Interner {
         self.labels.shrink_to_fit();
         self.ports.shrink_to_fit();
     }
+}
+
+/// The copy of `value` already in `table`, or `value` itself, added (and counted in `added`).
+fn share<T, V>(table: &mut HashSet<Arc<T>>, added: &mut usize, value: V) -> Arc<T>
+where
+    T: ?Sized + Hash + Eq,
+    V: Borrow<T> + Into<Arc<T>>,
+{
+    if let Some(shared) = table.get(value.borrow()) {
+        return shared.clone();
+    }
+    let shared: Arc<T> = value.into();
+    *added += 1;
+    table.insert(shared.clone());
+    shared
 }
 
 /// An object kind kept as compact records.

@@ -1,11 +1,12 @@
-//! What the reflectors keep of each object: only the fields the snapshot is built from. Applied to
-//! every watch event before the store sees it (the watcher has already taken the resourceVersion
-//! it resumes from).
+//! What is read and kept of each object: only the fields the snapshot is built from. The trims
+//! here apply to the kinds in kube-rs reflector stores, on every watch event before the store sees
+//! it (the watcher has already taken the resourceVersion it resumes from); pods, Services and
+//! EndpointSlices become compact records instead (`records`).
 //!
 //! Pods are not even read whole: [`KeptPod`] deserialises only the fields the agent uses (serde
 //! skips the rest of the API's JSON without allocating it), because k8s-openapi's `Pod` is about
 //! 4 KB before any of its fields is set — 40 MB of empty fields for 10,000 pods; the pod store
-//! (`pods`) then keeps a compact record of it.
+//! (`records`) then keeps a compact record of it.
 
 use std::borrow::Cow;
 
